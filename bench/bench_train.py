@@ -53,7 +53,7 @@ def main():
     p.add_argument("--out", default="bench/results/bench_train.json")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--sizes", default="tiny,small,ddpm")
-    p.add_argument("--compile", default="1")
+    p.add_argument("--compile", default="1", help="1 (all sizes), 0, or the sizes to compile, e.g. tiny")
     p.add_argument("--rounds", type=int, default=3, help="interleaved uniform/speed rounds for the overhead")
     p.add_argument("--overhead", default="1")
     p.add_argument("--sampler", default="1")
@@ -73,7 +73,7 @@ def main():
         entry = dict(params_M=sum(q.numel() for q in m.parameters()) / 1e6, gflop_fwd=fc.get_total_flops() / 1e9)
         steps = {"tiny": 600, "small": 420, "ddpm": 240}.get(size, 300)
         entry["eager_img_s"], entry["eager_intervals"] = train_img_s(size, "uniform", images, schedule, steps, False, args.batch)
-        if args.compile == "1":
+        if args.compile == "1" or size in args.compile.split(","):
             t0 = time.time()
             entry["compiled_img_s"], entry["compiled_intervals"] = train_img_s(size, "uniform", images, schedule, steps,
                                                                                True, args.batch)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The strategy comparison behind the README's results (CIFAR-10 JPEG-75 copy, FD-fdnet, one H100).
+#   BUDGET=360 bash bench/run_compare.sh runs/compare
+# Ten runs share the GPU (uniform and SpeeD variants, seeds 0 and 1), each with the same model, data
+# order, optimiser and evaluation; each trains until BUDGET seconds have passed, and the curves are
+# compared on the evaluation steps that every run reached.
+set -u
+root=../shared; [ -d shared/data ] && root=shared      # on the device machine shared/ is carried in
+DATA=${DATA:-$root/data/cifar10-train-jpeg75.zip}
+FD=${FD:-$root/metrics/cifar10-fdnet.pt}
+OUTDIR=${1:-runs/compare}
+BUDGET=${BUDGET:-360}
+COMMON="--data $DATA --fid-model $FD --model tiny --batch-size 128 --lr 5e-4 --warmup 500 --ema-decay 0.999
+        --steps 100000 --eval-every 750 --eval-samples 5000 --sample-steps 20 --time-budget $BUDGET --out $OUTDIR"
+python3 train_tiny.py --compare uniform,speed --seeds 0,1 --parallel 4 $COMMON &
+python3 train_tiny.py --compare speed:k=2,speed:dual=1,speed:lam=0.5 --seeds 0,1 --parallel 6 $COMMON &
+wait
+python3 train_tiny.py --compare uniform,speed,speed:k=2,speed:dual=1,speed:lam=0.5 --seeds 0,1 --summarize --out $OUTDIR
