@@ -34,12 +34,14 @@ SHARED_ZIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sha
                           "cifar10-train-jpeg75.zip")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
-# Budgets. h100: <= 10 minutes on one H100 including evaluation; t4: a Colab T4 in about 10 minutes;
+# Budgets, sized from bench/results/bench_train.json: the tiny UNet trains at about 1,650 img/s
+# (13 steps/s at batch 128) on an H100 in this loop, and DDIM-25 samples about 1,000 img/s.
+# h100: about 7 minutes on one H100 including evaluation; t4: a Colab T4 in about 10 minutes (fp16);
 # cpu: a seconds-long smoke run on a few images.
 PRESETS = {
-    "h100": dict(model="tiny", steps=12000, batch_size=128, lr=5e-4, warmup=500, ema_decay=0.999,
-                 evals=8, eval_samples=10000, sample_steps=25, limit=None),
-    "t4": dict(model="tiny", steps=3000, batch_size=64, lr=5e-4, warmup=200, ema_decay=0.999,
+    "h100": dict(model="tiny", steps=5000, batch_size=128, lr=5e-4, warmup=200, ema_decay=0.999,
+                 evals=5, eval_samples=5000, sample_steps=25, limit=None),
+    "t4": dict(model="tiny", steps=2000, batch_size=64, lr=5e-4, warmup=200, ema_decay=0.995,
                evals=4, eval_samples=2000, sample_steps=25, limit=None),
     "cpu": dict(model="micro", steps=20, batch_size=8, lr=1e-3, warmup=5, ema_decay=0.9,
                 evals=2, eval_samples=64, sample_steps=5, limit=64),
@@ -412,6 +414,8 @@ def summarize(out, specs, seeds):
                    steps_reached={f"{k}_s{sd}": r["steps"] for k, by in runs.items() for sd, r in by.items()},
                    wall_s={f"{k}_s{sd}": r["wall_s"] for k, by in runs.items() for sd, r in by.items()},
                    device=next(iter(next(iter(runs.values())).values()))["device"],
+                   data=next(iter(next(iter(runs.values())).values()))["data"],
+                   n_images=next(iter(next(iter(runs.values())).values()))["n_images"],
                    curves={k: dict(steps=v[0], mean=v[1], per_seed=v[2]) for k, v in curves.items()})
     with open(os.path.join(out, "compare.json"), "w") as f:
         json.dump(summary, f, indent=1)
