@@ -1339,3 +1339,580 @@ def test_reference_stats_cached_and_reused(tmp_path, monkeypatch):
     fd = speed.fd_of_samples(net, images, (mu, sigma), batch_size=16)
     assert abs(fd) < 1e-8 * float(sigma.trace())
     assert speed.fd_of_samples(net, other, (mu, sigma)) > 1e-3
+
+
+# ================================================================================================
+# train_tiny.py: the quick CIFAR-10 check and the side-by-side strategy comparison
+# ================================================================================================
+# The end-to-end tests use the project's shared data (../shared, next to the repository) and are
+# skipped where it is absent; everything else builds its own small data in tmp_path. No test
+# touches the network: every code path that could download has urllib.request.urlopen blocked.
+
+import gzip  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import pickle  # noqa: E402
+import tarfile  # noqa: E402
+import urllib.error  # noqa: E402
+import zipfile  # noqa: E402
+
+import train_tiny  # noqa: E402
+
+SHARED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared")
+SHARED_ZIP = os.path.join(SHARED_DIR, "data", "cifar10-train-jpeg75.zip")
+SHARED_FDNET = os.path.join(SHARED_DIR, "metrics", "cifar10-fdnet.pt")
+needs_shared = pytest.mark.skipif(
+    not (os.path.exists(SHARED_ZIP) and os.path.exists(SHARED_FDNET)),
+    reason=f"shared data not found: needs {SHARED_ZIP} and {SHARED_FDNET} (the project's ../shared folder)")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _block_network(monkeypatch):
+    def no_network(*a, **k):
+        raise urllib.error.URLError("network blocked by the test")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+
+
+def _read_png(path):
+    """Checks the PNG signature, then decodes with matplotlib: float array [H, W, 3 or 4] in [0, 1]."""
+    import matplotlib.image
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE, f"{path} is not a PNG"
+    img = matplotlib.image.imread(str(path))
+    assert img.ndim == 3 and img.shape[2] in (3, 4)
+    return img
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """One --cache for the end-to-end runs (decoded shared data and reference statistics are reused)."""
+    return str(tmp_path_factory.mktemp("tiny_cache"))
+
+
+# ---- 1. the cpu preset end to end, then --resume --------------------------------------------------
+
+@needs_shared
+def test_train_tiny_cpu_preset_end_to_end_then_resume(tmp_path, monkeypatch, tiny_cache):
+    _block_network(monkeypatch)
+    out = tmp_path / "run"
+    argv = ["--preset", "cpu", "--data", SHARED_ZIP, "--fid-model", SHARED_FDNET, "--out", str(out),
+            "--cache", tiny_cache, "--quiet"]
+    assert train_tiny.main(argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    # cpu preset: 20 steps, 2 evaluations -> FD at steps 10 and 20, on the first 64 images
+    assert m["metric"] == "FD-fdnet" and m["strategy"] == "speed" and m["seed"] == 0
+    assert m["finished"] is True and m["n_images"] == 64
+    assert m["steps"] == m["planned_steps"] == 20
+    assert [s for s, _ in m["evals"]] == [10, 20]
+    assert all(math.isfinite(f) and f > 0 for _, f in m["evals"])
+    assert math.isfinite(m["final"]) and m["final"] == m["evals"][-1][1]
+    assert [h["step"] for h in m["history"]] == [10, 20]
+    assert all(math.isfinite(h["loss"]) for h in m["history"])
+    assert m["config"]["model"] == "micro" and m["config"]["batch_size"] == 8
+
+    # samples.png: 64 samples of 32x32 as an 8x8 grid; loss_areas.png: the 6 x 3.5 in figure at 110 dpi
+    grid = _read_png(out / "samples.png")
+    assert grid.shape[:2] == (256, 256) and grid[..., :3].std() > 0.01
+    assert _read_png(out / "loss_areas.png").shape[:2] == (385, 660)
+    ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ck["step"] == 20 and ck["config"]["strategy"] == "speed"
+    assert ck["extra"]["evals"] == m["evals"]
+
+    # --resume with more steps continues from step 20: only 10 more training steps run
+    calls = []
+    real_loss = speed.diffusion_loss
+
+    def counting_loss(*a, **k):
+        calls.append(1)
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(speed, "diffusion_loss", counting_loss)
+    assert train_tiny.main(argv + ["--resume", "--steps", "30"]) == 0
+    assert len(calls) == 10
+    m2 = json.loads((out / "metrics.json").read_text())
+    assert m2["steps"] == m2["planned_steps"] == 30 and m2["finished"] is True
+    assert m2["evals"][:2] == m["evals"]  # the history continues: earlier results kept as they were
+    assert [s for s, _ in m2["evals"]] == [10, 20, 30] and math.isfinite(m2["final"])
+    assert m2["history"][:2] == m["history"] and [h["step"] for h in m2["history"]] == [10, 20, 30]
+    assert torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["step"] == 30
+
+
+def test_save_grid_layout(tmp_path):
+    """Image r * nrow + c lands in grid row r, column c; a last incomplete row is dropped."""
+    imgs = torch.arange(18, dtype=torch.uint8).mul(14).view(18, 1, 1, 1).expand(18, 3, 2, 3).contiguous()
+    imgs[:, 1] = 255 - imgs[:, 1]
+    path = tmp_path / "grid.png"
+    train_tiny.save_grid(imgs, str(path), nrow=4)
+    g = np.round(_read_png(path)[..., :3] * 255).astype(int)
+    assert g.shape == (4 * 2, 4 * 3, 3)
+    for r in range(4):
+        for c in range(4):
+            k = r * 4 + c
+            cell = g[r * 2:(r + 1) * 2, c * 3:(c + 1) * 3]
+            assert (cell[..., 0] == 14 * k).all() and (cell[..., 1] == 255 - 14 * k).all()
+
+
+# ---- 2. --compare end to end, and summarize() on synthetic runs ------------------------------------
+
+@needs_shared
+def test_train_tiny_compare_two_strategies_two_seeds(tmp_path, monkeypatch, tiny_cache):
+    _block_network(monkeypatch)
+    out = tmp_path / "cmp"
+    argv = ["--preset", "cpu", "--data", SHARED_ZIP, "--fid-model", SHARED_FDNET, "--cache", tiny_cache,
+            "--quiet", "--compare", "uniform,speed", "--seeds", "0,1", "--parallel", "2", "--steps", "4",
+            "--evals", "2", "--eval-samples", "32", "--sample-steps", "2", "--out", str(out)]
+    assert train_tiny.main(argv) == 0
+    runs = {}
+    for spec in ("uniform", "speed"):
+        for seed in (0, 1):
+            d = train_tiny.run_dir(str(out), spec, seed)
+            with open(os.path.join(d, "metrics.json")) as f:
+                r = json.load(f)
+            assert (r["strategy"], r["seed"], r["steps"], r["finished"]) == (spec, seed, 4, True)
+            assert [s for s, _ in r["evals"]] == [2, 4] and r["metric"] == "FD-fdnet" and r["n_images"] == 64
+            assert r["config"]["eval_samples"] == 32 and r["config"]["compare"] is None
+            assert os.path.exists(os.path.join(d, "samples.png")) and os.path.exists(os.path.join(d, "ckpt.pt"))
+            runs[spec, seed] = r
+    # the seed and the strategy reach the children: four different trainings
+    assert len({r["evals"][-1][1] for r in runs.values()}) == 4
+
+    s = json.loads((out / "compare.json").read_text())
+    assert s["baseline"] == "uniform" and s["metric"] == "FD-fdnet" and s["common_steps"] == [2, 4]
+    assert s["steps_reached"] == {f"{k}_s{sd}": 4 for k in ("uniform", "speed") for sd in (0, 1)}
+    assert [r["strategy"] for r in s["rows"]] == ["uniform", "speed"]
+    for row in s["rows"]:
+        finals = [runs[row["strategy"], sd]["final"] for sd in (0, 1)]
+        assert row["seeds"] == 2 and len(row["speedup_per_seed"]) == 2
+        assert row["final_mean"] == pytest.approx(sum(finals) / 2)
+        assert s["curves"][row["strategy"]]["per_seed"] == [[f for _, f in runs[row["strategy"], sd]["evals"]]
+                                                           for sd in (0, 1)]
+    uni = s["rows"][0]
+    assert uni["speedup_mean_curve"] == 1.0 and uni["speedup_per_seed"] == [1.0, 1.0]
+    md = (out / "compare.md").read_text().splitlines()
+    assert len(md) == 4 and md[2].startswith("| uniform | 2 |") and md[3].startswith("| speed | 2 |")
+    assert _read_png(out / "compare.png").shape[:2] == (504, 840)
+
+
+def _write_run(out, spec, seed, evals, partial=False, metric="FD-x"):
+    d = train_tiny.run_dir(str(out), spec, seed)
+    os.makedirs(d, exist_ok=True)
+    m = dict(strategy=spec, seed=seed, metric=metric, final=evals[-1][1] if evals else None, evals=evals,
+             steps=evals[-1][0] if evals else 0, planned_steps=30, finished=not partial, wall_s=1.5 + seed,
+             device="cpu", data="synthetic", n_images=8, config={}, history=[])
+    with open(os.path.join(d, "metrics.partial.json" if partial else "metrics.json"), "w") as f:
+        json.dump(m, f)
+
+
+def _synthetic_runs(out):
+    """uniform (baseline) and speed with seeds 0, 1; p2 only with seed 0. speed seed 0 was killed after
+    step 20 (only metrics.partial.json), so every curve is compared on the common steps 10 and 20."""
+    _write_run(out, "uniform", 0, [[10, 50.0], [20, 40.0], [30, 30.0]])
+    _write_run(out, "uniform", 1, [[10, 54.0], [20, 42.0], [30, 34.0]])
+    _write_run(out, "speed", 0, [[10, 45.0], [20, 25.0]], partial=True)
+    _write_run(out, "speed", 1, [[10, 44.0], [20, 30.0], [30, 20.0]])
+    _write_run(out, "speed", 1, [[10, 99.0]], partial=True)  # stale: metrics.json wins
+    _write_run(out, "p2", 0, [[10, 60.0], [20, 45.0], [30, 41.0]])
+
+
+def test_summarize_partial_runs_compared_on_common_steps(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    _synthetic_runs(out)
+    s = train_tiny.summarize(str(out), ["uniform", "speed", "p2"], [0, 1])
+    assert s["common_steps"] == [10, 20] and s["baseline"] == "uniform" and s["metric"] == "FD-x"
+    assert s["steps_reached"] == {"uniform_s0": 30, "uniform_s1": 30, "speed_s0": 20, "speed_s1": 30, "p2_s0": 30}
+    assert s["wall_s"]["speed_s1"] == 2.5
+    assert s["curves"]["speed"] == dict(steps=[10, 20], mean=[44.5, 27.5], per_seed=[[45.0, 25.0], [44.0, 30.0]])
+    assert s["curves"]["uniform"]["mean"] == [52.0, 41.0]
+    rows = {r["strategy"]: r for r in s["rows"]}
+    assert list(rows) == ["uniform", "speed", "p2"]
+    # baseline: its mean curve reaches its final (41, on the common steps) at step 20
+    u = rows["uniform"]
+    assert u["speedup_mean_curve"] == 1.0 and u["steps_to_base_final"] == 20.0
+    assert u["speedup_per_seed"] == [1.0, 1.0] and u["final_mean"] == 41.0
+    assert u["final_std"] == pytest.approx(math.sqrt(2.0))
+    # speed mean curve (44.5, 27.5) crosses 41 at 10 + 10 * 3.5 / 17 = 205/17; speed-up 20 / (205/17)
+    sp = rows["speed"]
+    assert sp["steps_to_base_final"] == pytest.approx(205 / 17)
+    assert sp["speedup_mean_curve"] == pytest.approx(68 / 41)
+    # per seed on the common steps: seed 0 target 40: 10 + 10 * 5/20 = 12.5 -> 1.6;
+    # seed 1 target 42: 10 + 10 * 2/14 = 80/7 -> 1.75
+    assert sp["speedup_per_seed"] == pytest.approx([1.6, 1.75])
+    assert sp["speedup_seed_mean"] == pytest.approx(1.675)
+    assert sp["speedup_seed_std"] == pytest.approx(0.075 * math.sqrt(2))
+    assert sp["final_mean"] == 27.5 and sp["final_std"] == pytest.approx(2.5 * math.sqrt(2))
+    assert sp["seeds"] == 2 and sp["not_reached_seeds"] == 0
+    # p2 (one seed) never gets down to 41 (or seed 0's 40) within the common steps
+    p2 = rows["p2"]
+    assert p2["seeds"] == 1 and p2["speedup_mean_curve"] is None and p2["steps_to_base_final"] is None
+    assert p2["speedup_per_seed"] == [None] and p2["not_reached_seeds"] == 1
+    assert p2["final_mean"] == 45.0 and p2["final_std"] == 0.0
+    # the files
+    assert json.loads((out / "compare.json").read_text()) == json.loads(json.dumps(s))
+    md = (out / "compare.md").read_text().splitlines()
+    assert md[0].startswith("| strategy | seeds | final FD-x") and "speed-up vs uniform" in md[0]
+    assert md[2] == "| uniform | 2 | 41.00 ± 1.41 | 1.00× | 1.00 ± 0.00 |"
+    assert md[3] == "| speed | 2 | 27.50 ± 3.54 | 1.66× | 1.68 ± 0.11 |"
+    assert md[4] == "| p2 | 1 | 45.00 ± 0.00 | not reached | —; 1 not reached |"
+    assert "| speed | 2 |" in capsys.readouterr().out
+    _read_png(out / "compare.png")
+
+
+def test_compare_summarize_only_rebuilds_the_table(tmp_path, monkeypatch):
+    """--compare ... --summarize reads the run folders only: no data, no training, no subprocess."""
+    out = tmp_path / "cmp"
+    _synthetic_runs(out)
+
+    def forbidden(*a, **k):
+        raise AssertionError("--summarize must not load data or start runs")
+
+    monkeypatch.setattr(train_tiny, "load_data", forbidden)
+    monkeypatch.setattr(train_tiny, "run_one", forbidden)
+    monkeypatch.setattr(train_tiny.subprocess, "Popen", forbidden)
+    _block_network(monkeypatch)
+    assert train_tiny.main(["--compare", "uniform,speed", "--seeds", "0,1", "--summarize", "--out", str(out)]) == 0
+    s = json.loads((out / "compare.json").read_text())
+    assert [r["strategy"] for r in s["rows"]] == ["uniform", "speed"]
+    assert s["rows"][1]["speedup_per_seed"] == pytest.approx([1.6, 1.75])
+    assert (out / "compare.md").exists() and (out / "compare.png").exists()
+    with pytest.raises(SystemExit, match="no finished runs"):
+        train_tiny.summarize(str(tmp_path / "empty"), ["uniform"], [0])
+
+
+# ---- 3. speed-up from quality-vs-steps curves -----------------------------------------------------
+
+def test_steps_to_reach_interpolates_first_crossing():
+    steps = [100, 200, 300]
+    # halfway between evaluations: 8 at 200, 4 at 300 -> 6 at 250
+    assert train_tiny.steps_to_reach(steps, [10.0, 8.0, 4.0], 6.0) == 250.0
+    assert train_tiny.steps_to_reach(steps, [10.0, 8.0, 4.0], 8.0) == 200.0  # exactly at an evaluation
+    assert train_tiny.steps_to_reach(steps, [10.0, 8.0, 4.0], 9.5) == 125.0  # a quarter of the way
+    # already reached at the first evaluation: that step, no extrapolation towards 0
+    r = train_tiny.steps_to_reach(steps, [5.0, 4.0, 3.0], 6.0)
+    assert r == 100.0 and isinstance(r, float)
+    assert train_tiny.steps_to_reach(steps, [10.0, 8.0, 4.0], 3.0) is None  # never reached
+    assert train_tiny.steps_to_reach([], [], 1.0) is None
+    # non-monotone: the first crossing counts (9 -> 5 crosses 6 at 17.5); bouncing to 7 later does not undo it
+    assert train_tiny.steps_to_reach([10, 20, 30, 40], [9.0, 5.0, 7.0, 3.0], 6.0) == 17.5
+    assert train_tiny.steps_to_reach([10, 20, 30, 40], [9.0, 7.0, 5.0, 8.0], 6.0) == 25.0
+
+
+def test_speedup_factors():
+    # the baseline's own curve dips below its final value (6) before the end: it "needed" only
+    # 10 + 10 * (9 - 6) / (9 - 5) = 17.5 steps; the strategy reaches 6 at 10 + 10 * 2 / 4 = 15
+    base_steps, base_fd = [10, 20, 30, 40], [9.0, 5.0, 7.0, 6.0]
+    factor, need = train_tiny.speedup(base_steps, base_fd, [10, 20, 30, 40], [8.0, 4.0, 3.0, 2.0])
+    assert need == 15.0 and factor == pytest.approx(17.5 / 15.0)
+    # baseline against itself: 1
+    assert train_tiny.speedup(base_steps, base_fd, base_steps, base_fd) == (1.0, 17.5)
+    # reached at the strategy's first evaluation
+    factor, need = train_tiny.speedup(base_steps, base_fd, [10, 20], [5.5, 5.0])
+    assert need == 10.0 and factor == pytest.approx(1.75)
+    # not reached: no factor
+    assert train_tiny.speedup(base_steps, base_fd, [10, 20, 30, 40], [9.0, 8.0, 7.0, 6.5]) == (None, None)
+    # a later bounce above the target does not undo a crossing
+    factor, need = train_tiny.speedup(base_steps, base_fd, [10, 20, 30], [7.0, 5.0, 9.0])
+    assert need == 15.0 and factor == pytest.approx(17.5 / 15.0)
+    # different evaluation grids: base reaches its final 6 at 200; strategy 7 -> 5 over 50..100 crosses at 75
+    factor, need = train_tiny.speedup([100, 200], [10.0, 6.0], [50, 100], [7.0, 5.0])
+    assert need == 75.0 and factor == pytest.approx(200 / 75)
+
+
+# ---- 4. data: dataset zips, image folders, the CIFAR-10 archive, errors -----------------------------
+
+def _rgb(h, w, seed):
+    return np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _encode(arr, fmt):
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def test_load_zip_images_and_labels_in_sorted_order(tmp_path):
+    arrs = {"img0.jpg": np.full((8, 6, 3), (200, 40, 90), np.uint8),  # flat colour: JPEG keeps it ±2
+            "img1.png": _rgb(8, 6, 1), "img2.png": _rgb(8, 6, 2), "sub/img3.PNG": _rgb(8, 6, 3)}
+    labels = {"img0.jpg": 7, "img1.png": 3, "img2.png": 5, "sub/img3.PNG": 1}
+    path = tmp_path / "ds.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for name in ["img2.png", "sub/img3.PNG", "img0.jpg", "img1.png"]:  # stored out of order
+            z.writestr(name, _encode(arrs[name], "JPEG" if name.endswith("jpg") else "PNG"))
+        z.writestr("notes.txt", "not an image")
+        z.writestr("dataset.json", json.dumps({"labels": [[n, lab] for n, lab in labels.items()]}))
+    images, labs = train_tiny.load_zip(str(path))
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 8, 6)
+    assert labs.tolist() == [7, 3, 5, 1]
+    assert (images[0].permute(1, 2, 0).int() - torch.tensor([200, 40, 90])).abs().max() <= 2
+    for i, name in enumerate(["img1.png", "img2.png", "sub/img3.PNG"], start=1):
+        assert torch.equal(images[i], torch.from_numpy(arrs[name]).permute(2, 0, 1))
+    images2, labs2 = train_tiny.load_zip(str(path), limit=2)
+    assert torch.equal(images2, images[:2]) and labs2.tolist() == [7, 3]
+    # without dataset.json (or with "labels": null) there are no labels
+    for meta in (None, {"labels": None}):
+        p = tmp_path / f"nolabels{meta is None}.zip"
+        with zipfile.ZipFile(p, "w") as z:
+            z.writestr("a.png", _encode(arrs["img1.png"], "PNG"))
+            if meta is not None:
+                z.writestr("dataset.json", json.dumps(meta))
+        imgs, labs = train_tiny.load_zip(str(p))
+        assert labs is None and imgs.shape == (1, 3, 8, 6)
+
+
+def test_load_folder_and_load_data_cache(tmp_path, monkeypatch):
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    arrs = {"b.png": _rgb(5, 7, 1), "a.png": _rgb(5, 7, 2), "sub/c.png": _rgb(5, 7, 3)}
+    for name, a in arrs.items():
+        (folder / name).write_bytes(_encode(a, "PNG"))
+    (folder / "readme.txt").write_text("not an image")
+    images, labels = train_tiny.load_folder(str(folder))
+    assert labels is None and images.dtype == torch.uint8 and images.shape == (3, 3, 5, 7)
+    for i, name in enumerate(["a.png", "b.png", "sub/c.png"]):
+        assert torch.equal(images[i], torch.from_numpy(arrs[name]).permute(2, 0, 1))
+    # load_data decodes once into the cache; a second call reads the cache (no decoding)
+    cache = tmp_path / "cache"
+    images2, _ = train_tiny.load_data(str(folder), str(cache), limit=2)
+    assert torch.equal(images2, images[:2])
+    assert [f for f in os.listdir(cache) if f.startswith("decoded-")] and len(os.listdir(cache)) == 1
+
+    def no_decode(*a, **k):
+        raise AssertionError("must read the cache")
+
+    monkeypatch.setattr(train_tiny, "load_folder", no_decode)
+    images3, labels3 = train_tiny.load_data(str(folder), str(cache), limit=2)
+    assert torch.equal(images3, images[:2]) and labels3 is None
+
+
+def test_data_errors_are_clear_and_leave_no_cache(tmp_path):
+    # images of different sizes, in a folder and in a zip
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(_encode(_rgb(8, 8, 0), "PNG"))
+    (folder / "b.png").write_bytes(_encode(_rgb(6, 8, 1), "PNG"))
+    with pytest.raises(train_tiny.DataError, match="different sizes.*resize"):
+        train_tiny.load_folder(str(folder))
+    mixed_zip = tmp_path / "mixed.zip"
+    with zipfile.ZipFile(mixed_zip, "w") as z:
+        z.writestr("a.png", _encode(_rgb(8, 8, 0), "PNG"))
+        z.writestr("b.jpg", _encode(_rgb(4, 4, 1), "JPEG"))
+    with pytest.raises(train_tiny.DataError, match="different sizes"):
+        train_tiny.load_zip(str(mixed_zip))
+    # an undecodable image
+    (folder / "b.png").write_bytes(b"garbage")
+    with pytest.raises(train_tiny.DataError, match="could not decode image.*b.png"):
+        train_tiny.load_folder(str(folder))
+    with pytest.raises(train_tiny.DataError, match="holds no images"):
+        train_tiny.load_folder(str(tmp_path / "cache_never"))  # os.walk of a missing folder: no files
+    # a corrupt zip: DataError, and load_data writes no cache
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(np.random.RandomState(0).bytes(4096))
+    with pytest.raises(train_tiny.DataError, match="could not read dataset zip"):
+        train_tiny.load_zip(str(bad))
+    cache = tmp_path / "cache"
+    with pytest.raises(train_tiny.DataError):
+        train_tiny.load_data(str(bad), str(cache))
+    assert os.listdir(cache) == []
+    # a label table missing an image
+    nolab = tmp_path / "nolab.zip"
+    with zipfile.ZipFile(nolab, "w") as z:
+        z.writestr("a.png", _encode(_rgb(4, 4, 0), "PNG"))
+        z.writestr("dataset.json", json.dumps({"labels": [["other.png", 1]]}))
+    with pytest.raises(train_tiny.DataError, match="could not read dataset zip"):
+        train_tiny.load_zip(str(nolab))
+    # --data pointing nowhere
+    with pytest.raises(train_tiny.DataError, match="no_such.zip: no such file or folder"):
+        train_tiny.load_data(str(tmp_path / "no_such.zip"), str(cache))
+
+
+def _cifar_pickle(batch):
+    rs = np.random.RandomState(batch)
+    data = rs.randint(0, 256, (2, 3072), dtype=np.uint8)
+    return data, [(batch + j) % 10 for j in range(2)]
+
+
+def _cifar_tar_bytes():
+    """The CIFAR-10 python layout: cifar-10-batches-py/data_batch_1..5, each a pickle with b'data'
+    (rows of 1024 red, 1024 green, 1024 blue bytes, row-major 32x32) and b'labels'; 2 images each."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(1, 6):
+            data, labels = _cifar_pickle(i)
+            b = pickle.dumps({b"batch_label": b"x", b"data": data, b"labels": labels}, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/data_batch_{i}")
+            info.size = len(b)
+            tar.addfile(info, io.BytesIO(b))
+        info = tarfile.TarInfo("cifar-10-batches-py/test_batch")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"junk"))
+    return buf.getvalue()
+
+
+def _fake_download(archive_bytes, calls):
+    def download(url, path, md5=None, **k):
+        calls.append((url, md5))
+        if not os.path.exists(path):
+            with open(path, "wb") as f:
+                f.write(archive_bytes)
+        return path
+    return download
+
+
+def test_load_cifar10_archive_and_load_data_without_data(tmp_path, monkeypatch):
+    path = tmp_path / "cifar-10-python.tar.gz"
+    path.write_bytes(gzip.compress(_cifar_tar_bytes(), mtime=0))
+    images, labels = train_tiny.load_cifar10_archive(str(path))
+    assert images.dtype == torch.uint8 and images.shape == (10, 3, 32, 32)
+    assert labels.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
+    for i in range(1, 6):
+        data, _ = _cifar_pickle(i)
+        for j in range(2):
+            img = images[2 * (i - 1) + j]
+            assert torch.equal(img[0].flatten(), torch.from_numpy(data[j, :1024]))       # red plane
+            assert torch.equal(img[2, 31], torch.from_numpy(data[j, 3072 - 32:]))       # last blue row
+    # load_data(None): the (faked) download of the official archive, decoded and cached
+    _block_network(monkeypatch)
+    calls = []
+    monkeypatch.setattr(speed, "download", _fake_download(gzip.compress(_cifar_tar_bytes()), calls))
+    cache = tmp_path / "cache"
+    imgs, labs = train_tiny.load_data(None, str(cache), limit=3)
+    assert calls == [(train_tiny.CIFAR10_URL, train_tiny.CIFAR10_MD5)]
+    assert torch.equal(imgs, images[:3]) and labs.tolist() == [1, 2, 2]
+    assert len([f for f in os.listdir(cache) if f.startswith("decoded-")]) == 1
+
+
+def _corrupt_cifar_archives():
+    raw = _cifar_tar_bytes()
+    good = gzip.compress(raw, mtime=0)
+    # a second gzip member whose deflate data starts with the reserved block type 3: decompression
+    # fails in the middle of data_batch_2's bytes (after the first member decoded cleanly)
+    cut = 512 + 1024 + 512 + 700
+    header = gzip.compress(b"", mtime=0)[:10]
+    return {"truncated": good[: len(good) // 2],
+            "corrupt-stream": gzip.compress(raw[:cut], mtime=0) + header + b"\x07" + bytes(64),
+            "not-gzip": b"<html>proxy error</html>" * 10,
+            "no-batches": gzip.compress(b"\0" * 2048, mtime=0)}
+
+
+@pytest.mark.parametrize("kind", ["truncated", "corrupt-stream", "not-gzip", "no-batches"])
+def test_corrupt_cifar10_archive_is_a_data_error_and_not_cached(tmp_path, monkeypatch, kind):
+    data = _corrupt_cifar_archives()[kind]
+    path = tmp_path / "bad.tar.gz"
+    path.write_bytes(data)
+    with pytest.raises(train_tiny.DataError, match="corrupt or truncated.*delete it"):
+        train_tiny.load_cifar10_archive(str(path))
+    _block_network(monkeypatch)
+    monkeypatch.setattr(speed, "download", _fake_download(data, []))
+    cache = tmp_path / "cache"
+    with pytest.raises(train_tiny.DataError, match="corrupt or truncated"):
+        train_tiny.load_data(None, str(cache))
+    assert not [f for f in os.listdir(cache) if f.startswith("decoded-") or ".tmp" in f]
+
+
+def test_main_without_internet_or_data_says_how_to_pass_data(tmp_path, monkeypatch, capsys):
+    _block_network(monkeypatch)
+    cache = tmp_path / "cache"
+    argv = ["--preset", "cpu", "--out", str(tmp_path / "run"), "--cache", str(cache), "--quiet"]
+    assert train_tiny.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "could not download CIFAR-10" in err and "network blocked" in err
+    assert "pass --data PATH" in err
+    assert os.listdir(cache / "data") == []  # no partial download, nothing decoded
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    # --data pointing nowhere
+    assert train_tiny.main(argv + ["--data", str(tmp_path / "nowhere.zip")]) == 2
+    assert "nowhere.zip: no such file or folder" in capsys.readouterr().err
+
+
+# ---- 5. command line: strategy specs, per-run arguments of --compare -------------------------------
+
+def test_parse_strategy():
+    name, opts = train_tiny.parse_strategy("speed:k=2:dual=1:lam=0.5")
+    assert name == "speed" and opts == {"k": 2, "dual": True, "lam": 0.5}
+    assert type(opts["k"]) is int and type(opts["dual"]) is bool and type(opts["lam"]) is float
+    assert train_tiny.parse_strategy("speed:lam=none") == ("speed", {"lam": None})
+    assert train_tiny.parse_strategy("speed:dual=0:tau=700") == ("speed", {"dual": False, "tau": 700})
+    assert train_tiny.parse_strategy("lognormal:p_mean=-1.2") == ("lognormal", {"p_mean": -1.2})
+    assert train_tiny.parse_strategy("uniform") == ("uniform", {})
+    for bad in ["speed:k2", "speed:k=2:dual", "speed:k=two"]:
+        with pytest.raises(SystemExit, match="--strategy"):
+            train_tiny.parse_strategy(bad)
+    # the options reach make_strategy with the right types
+    name, opts = train_tiny.parse_strategy("speed:k=2:lam=0.5")
+    st = speed.make_strategy(name, speed.make_schedule("linear", 1000), **opts)
+    assert st.name == "speed"
+
+
+DROPPED = ["--compare", "--seeds", "--parallel", "--strategy", "--seed", "--out", "--time-budget"]
+
+
+@pytest.mark.parametrize("opt", DROPPED)
+def test_child_args_drop_per_run_options(opt):
+    assert train_tiny._child_args(["--steps", "4", opt, "v", "--quiet"]) == ["--steps", "4", "--quiet"]
+    assert train_tiny._child_args([opt + "=v", "--steps", "4"]) == ["--steps", "4"]
+    assert train_tiny._child_args(["--lr", "1e-3", opt + "=v"]) == ["--lr", "1e-3"]
+
+
+def test_child_args_keep_the_rest():
+    argv = ["--compare", "uniform,speed:k=2", "--seeds=0,1", "--parallel", "2", "--strategy=speed",
+            "--seed", "3", "--out", "runs/x", "--time-budget=60", "--summarize", "--steps", "4",
+            "--data=foo.zip", "--quiet", "--lr", "1e-3", "--summarize=", "--preset", "cpu"]
+    keep = ["--steps", "4", "--data=foo.zip", "--quiet", "--lr", "1e-3", "--preset", "cpu"]
+    assert train_tiny._child_args(argv) == keep
+    # --summarize is a flag: what follows it is kept
+    assert train_tiny._child_args(["--summarize", "--steps", "4"]) == ["--steps", "4"]
+    assert train_tiny._child_args(["--steps", "4", "--summarize"]) == ["--steps", "4"]
+    # parse_args records them, and fills in the preset
+    args = train_tiny.parse_args(["--compare", "uniform,speed", "--seeds", "0,1", "--preset", "cpu", "--steps", "4"])
+    assert args.child_args == ["--preset", "cpu", "--steps", "4"]
+    assert (args.steps, args.batch_size, args.model, args.evals) == (4, 8, "micro", 2)
+    assert args.out == os.path.join("runs", "compare")
+    for bad in (["--steps", "0"], ["--parallel", "0"], ["--eval-samples", "0"]):
+        with pytest.raises(SystemExit):
+            train_tiny.parse_args(["--preset", "cpu"] + bad)
+
+
+# ---- 6. time budget --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("budget", [["--time-budget", "0"], ["--stop-at", "1"]])
+def test_time_budget_stops_at_the_first_check(tmp_path, monkeypatch, capsys, budget):
+    _block_network(monkeypatch)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(16):
+        (folder / f"{i:02d}.png").write_bytes(_encode(_rgb(8, 8, i), "PNG"))
+    out = tmp_path / "run"
+    argv = ["--preset", "cpu", "--data", str(folder), "--fid-model", "none", "--out", str(out),
+            "--cache", str(tmp_path / "cache"), "--quiet", "--steps", "8", "--evals", "2", "--sample-steps", "1"]
+    assert train_tiny.main(argv + budget) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    # checks every min(eval_every, 50) = 4 steps: stopped at step 4 of 8, and still wrote everything
+    assert m["finished"] is True and m["planned_steps"] == 8 and m["steps"] == 4
+    assert m["metric"] is None and m["final"] is None and m["evals"] == [] and m["n_images"] == 16
+    assert [h["step"] for h in m["history"]] == [4]
+    assert "time budget reached at step 4" in capsys.readouterr().out
+    assert torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["step"] == 4
+    assert _read_png(out / "samples.png").shape[:2] == (64, 64)  # 8 x 8 grid of 8x8 samples
+
+
+# ================================================================================================
+# tutorial.ipynb: CI executes it headlessly on the CPU in its small mode and fails on any cell error
+# ================================================================================================
+
+def test_tutorial_notebook_runs_top_to_bottom_in_small_mode(monkeypatch):
+    """The whole notebook through a real Jupyter kernel (SPEED_TUTORIAL_SMALL=1 shrinks it)."""
+    nbformat = pytest.importorskip("nbformat", reason="jupyter is in requirements.txt; CI installs it")
+    nbclient = pytest.importorskip("nbclient", reason="jupyter is in requirements.txt; CI installs it")
+    root = os.path.dirname(os.path.abspath(__file__))
+    nb = nbformat.read(os.path.join(root, "tutorial.ipynb"), as_version=4)
+    assert os.path.getsize(os.path.join(root, "tutorial.ipynb")) < 3 * 2 ** 20  # committed with outputs
+    monkeypatch.setenv("SPEED_TUTORIAL_SMALL", "1")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend draws the figures
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": root}}).execute()  # raises on a cell error
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 8  # the plots were drawn
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "SMALL mode: True" in text

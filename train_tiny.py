@@ -22,6 +22,7 @@ import sys
 import tarfile
 import time
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -81,7 +82,7 @@ def load_zip(path, limit=None):
             raw = [z.read(n) for n in names[:limit]]
         with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
             imgs = list(pool.map(_decode, raw, chunksize=256))
-    except (zipfile.BadZipFile, OSError, KeyError, ValueError) as e:
+    except (zipfile.BadZipFile, zlib.error, OSError, KeyError, ValueError) as e:
         raise DataError(f"could not read dataset zip {path}: {e}") from e
     return _stack(imgs, path), labels
 
@@ -117,7 +118,7 @@ def load_cifar10_archive(path):
                 d = pickle.load(f, encoding="bytes")
                 imgs.append(torch.tensor(d[b"data"], dtype=torch.uint8).view(-1, 3, 32, 32))
                 labels.append(torch.tensor(d[b"labels"]))
-    except (tarfile.TarError, EOFError, KeyError, OSError, pickle.UnpicklingError) as e:
+    except (tarfile.TarError, EOFError, KeyError, OSError, pickle.UnpicklingError, zlib.error, ValueError) as e:
         raise DataError(f"CIFAR-10 archive {path} is corrupt or truncated ({e}); delete it and retry") from e
     return torch.cat(imgs), torch.cat(labels)
 
@@ -192,8 +193,15 @@ def parse_strategy(spec):
         if "=" not in o:
             raise SystemExit(f"--strategy {spec!r}: options are written name:key=value:key=value")
         k, v = o.split("=", 1)
-        options[k] = (v.lower() in ("1", "true")) if k == "dual" else (None if v.lower() == "none" else
-                                                                       int(v) if v.isdigit() else float(v))
+        if k == "dual":
+            if v.lower() not in ("0", "1", "true", "false"):
+                raise SystemExit(f"--strategy {spec!r}: dual takes 0/1 or true/false, not {v!r}")
+            options[k] = v.lower() in ("1", "true")
+            continue
+        try:
+            options[k] = None if v.lower() == "none" else int(v) if v.isdigit() else float(v)
+        except ValueError:
+            raise SystemExit(f"--strategy {spec!r}: {k}={v!r} is not a number (or none)") from None
     return name, options
 
 
@@ -263,7 +271,8 @@ def run_one(args, spec, seed, out):
                                     device=device)
     gen = torch.Generator(device=device)
     eval_every = args.eval_every or max(1, args.steps // args.evals)
-    stop_at = args.stop_at or (time.time() + args.time_budget if args.time_budget else None)
+    stop_at = args.stop_at if args.stop_at is not None else (
+        time.time() + args.time_budget if args.time_budget is not None else None)
     t0 = time.time()
 
     def write_metrics(result, done):
@@ -279,6 +288,8 @@ def run_one(args, spec, seed, out):
         with open(tmp, "w") as f:
             json.dump(metrics, f, indent=1)
         os.replace(tmp, os.path.join(out, "metrics.json" if done else "metrics.partial.json"))
+        if done and os.path.exists(os.path.join(out, "metrics.partial.json")):
+            os.remove(os.path.join(out, "metrics.partial.json"))
         return metrics
 
     def evaluate(result):
@@ -293,7 +304,7 @@ def run_one(args, spec, seed, out):
             write_metrics(result, done=False)
         return stop_at is not None and time.time() > stop_at
 
-    check = min(eval_every, 50) if stop_at else eval_every
+    check = min(eval_every, 50) if stop_at is not None else eval_every
     result = speed.train(model, images, schedule, strategy, steps=args.steps, batch_size=args.batch_size,
                          lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, precision=args.precision,
                          compile=args.compile, seed=seed, device=device, log_every=args.log_every,
@@ -326,7 +337,7 @@ def compare(args):
     specs, seeds = args.compare.split(","), [int(s) for s in args.seeds.split(",")]
     if args.summarize:
         return summarize(args.out, specs, seeds)
-    stop_at = time.time() + args.time_budget if args.time_budget else None
+    stop_at = time.time() + args.time_budget if args.time_budget is not None else None
     images, _ = load_data(args.data, os.path.join(args.cache, "data"), args.limit)  # decode once for all runs
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = load_metric(args, device)
@@ -340,10 +351,11 @@ def compare(args):
             if os.path.exists(os.path.join(d, "metrics.json")) and args.resume:
                 continue
             cmd = [sys.executable, os.path.abspath(__file__), "--strategy", spec, "--seed", str(seed), "--out", d,
-                   "--quiet"] + args.child_args + (["--stop-at", str(stop_at)] if stop_at else [])
+                   "--quiet"] + args.child_args + (["--stop-at", str(stop_at)] if stop_at is not None else [])
             jobs.append((spec, seed, d, cmd))
     running, failed = [], []
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, min(2, cores // args.parallel)))}  # no oversubscription
     while jobs or running:
         while jobs and len(running) < args.parallel:
             spec, seed, d, cmd = jobs.pop(0)
@@ -401,8 +413,8 @@ def summarize(out, specs, seeds):
         per_seed = []
         for seed in seeds:
             if seed in runs.get(base, {}) and seed in runs[spec]:
-                b = [f for _, f in runs[base][seed]["evals"]]
-                s = [f for _, f in runs[spec][seed]["evals"]]
+                b = [f for st, f in runs[base][seed]["evals"] if st in common]
+                s = [f for st, f in runs[spec][seed]["evals"] if st in common]
                 if b and s:
                     per_seed.append(speedup(bsteps, b, steps, s)[0])
         sm, ss = _mean_std(per_seed)
@@ -460,7 +472,8 @@ def plot_compare(curves, metric, path):
 # ------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # --compare forwards the options to its runs verbatim
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="budget: h100 (default on a GPU), t4 (Colab), cpu (default without a GPU; smoke run)")
     p.add_argument("--data", default=None, help="dataset zip or image folder (default: download CIFAR-10)")
@@ -505,7 +518,7 @@ def parse_args(argv=None):
             setattr(args, k, v)
     if args.out is None:
         args.out = os.path.join("runs", "compare" if args.compare else args.strategy.replace(":", "_"))
-    for name in ("steps", "batch_size", "evals", "eval_samples", "sample_steps"):
+    for name in ("steps", "batch_size", "evals", "eval_samples", "sample_steps", "parallel"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -521,7 +534,7 @@ def _child_args(argv):
             continue
         key = a.split("=", 1)[0]
         if key in drop:
-            skip = "=" not in a
+            skip = "=" not in a and key != "--summarize"  # a flag: the next argument is not its value
             continue
         out.append(a)
     return out
