@@ -1,5 +1,6 @@
 """Where does a training step's time go? Step rate of the tiny UNet under layout/precision variants,
-and a torch.profiler table of one short run.   python bench/profile_step.py  (GPU; ~1 minute)"""
+and a torch.profiler table of one short run.   python bench/profile_step.py  (GPU; allow 3 minutes:
+the first run was given 75 s and was cut off before it printed the tables)"""
 import os
 import sys
 import time
