@@ -6,7 +6,8 @@
 # compared on the evaluation steps that every run reached.
 # Status: its only run so far (after a compile benchmark in the same 10-minute device call) was cut
 # off before any run reached its first evaluation at step 750; the README's numbers come from the
-# shorter bench/run_compare2.sh. With ~13 steps/s per run, give it BUDGET >= 1800 over resumable calls.
+# shorter bench/run_compare2.sh. At ~13 steps/s per run it wants BUDGET >= 1800 on a GPU of your own
+# (train_tiny.py --compare ... --resume continues interrupted runs from their checkpoints).
 set -u
 root=../shared; [ -d shared/data ] && root=shared      # on the device machine shared/ is carried in
 DATA=${DATA:-$root/data/cifar10-train-jpeg75.zip}
