@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The strategy comparison behind the README's results (CIFAR-10 JPEG-75 copy, FD-fdnet, one H100).
+# The full strategy comparison (CIFAR-10 JPEG-75 copy, FD-fdnet, one GPU): ten runs, two seeds each.
 #   BUDGET=360 bash bench/run_compare.sh runs/compare
 # Ten runs share the GPU (uniform and SpeeD variants, seeds 0 and 1), each with the same model, data
 # order, optimiser and evaluation; each trains until BUDGET seconds have passed, and the curves are
