@@ -1906,7 +1906,7 @@ def test_tutorial_notebook_runs_top_to_bottom_in_small_mode(monkeypatch):
     nbclient = pytest.importorskip("nbclient", reason="jupyter is in requirements.txt; CI installs it")
     root = os.path.dirname(os.path.abspath(__file__))
     nb = nbformat.read(os.path.join(root, "tutorial.ipynb"), as_version=4)
-    assert os.path.getsize(os.path.join(root, "tutorial.ipynb")) < 3 * 2 ** 20  # committed with outputs
+    assert os.path.getsize(os.path.join(root, "tutorial.ipynb")) < 1.5e6  # committed with outputs, yet small
     monkeypatch.setenv("SPEED_TUTORIAL_SMALL", "1")
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend draws the figures
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",

@@ -7,7 +7,8 @@ For machines (e.g. a GPU box) that have torch and matplotlib but no jupyter/nbco
 in order in one namespace, with the notebook's folder as the working directory, like a kernel would:
 - stdout / stderr become `stream` outputs (carriage returns collapsed, so tqdm bars keep their last state);
 - every matplotlib figure shown (plt.show, or left open at the end of a cell) becomes a PNG
-  `display_data` output (--dpi, default 80, keeps the notebook small);
+  `display_data` output (--dpi, default 80; figures over --max-kb are stored as 256-colour PNG or
+  JPEG-95, keeping the notebook small);
 - a trailing expression's repr becomes an `execute_result`; `display(obj)` is provided too;
 - lines starting with `%` (magics) or `!` (shell) are skipped with a note;
 - on an exception the cell gets an `error` output, the notebook is written, and the exit status is 1.
@@ -86,9 +87,26 @@ class Tee(io.TextIOBase):
         return False
 
 
+def compact_image(png, max_kb=64):
+    """Keep a figure's PNG when it is under max_kb; else a 256-colour PNG (plots lose nothing
+    visible); else, for photo-like figures such as sample grids, JPEG at quality 95 without chroma
+    subsampling. Keeps the committed notebook small (the repository travels to the GPU machine)."""
+    if len(png) <= max_kb * 1024:
+        return "image/png", png
+    from PIL import Image
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    buf = io.BytesIO()
+    img.quantize(256, method=Image.Quantize.MEDIANCUT).save(buf, "PNG", optimize=True)
+    if buf.tell() <= max_kb * 1024:
+        return "image/png", buf.getvalue()
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95, subsampling=0)
+    return "image/jpeg", buf.getvalue()
+
+
 class Runner:
-    def __init__(self, dpi=80):
-        self.dpi = dpi
+    def __init__(self, dpi=80, max_kb=64):
+        self.dpi, self.max_kb = dpi, max_kb
         self.outputs = Outputs()
         self.ns = {"__name__": "__main__", "__builtins__": __builtins__, "display": self.display}
         import matplotlib
@@ -106,8 +124,9 @@ class Runner:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=self.dpi, bbox_inches="tight")
         w, h = fig.get_size_inches() * fig.dpi
+        mime, data = compact_image(buf.getvalue(), self.max_kb)
         return {"output_type": "display_data", "metadata": {},
-                "data": {"image/png": base64.b64encode(buf.getvalue()).decode("ascii"),
+                "data": {mime: base64.b64encode(data).decode("ascii"),
                          "text/plain": f"<Figure size {w:.0f}x{h:.0f} with {len(fig.axes)} Axes>"}}
 
     def _show(self, *args, **kwargs):
@@ -191,6 +210,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="where to write the executed notebook (default: in place)")
     p.add_argument("--timeout-cell", type=int, default=0, help="seconds per cell (0 = no limit)")
     p.add_argument("--dpi", type=int, default=80, help="resolution of captured figures")
+    p.add_argument("--max-kb", type=int, default=64, help="figures above this are stored compactly")
     args = p.parse_args(argv)
 
     src = os.path.abspath(args.notebook)
@@ -202,7 +222,7 @@ def main(argv=None):
 
     os.chdir(os.path.dirname(src))
     sys.path.insert(0, os.path.dirname(src))
-    runner = Runner(dpi=args.dpi)
+    runner = Runner(dpi=args.dpi, max_kb=args.max_kb)
     for cell in nb["cells"]:  # start clean: no stale outputs from an earlier run
         if cell["cell_type"] == "code":
             cell["outputs"], cell["execution_count"] = [], None
