@@ -253,7 +253,7 @@ def plot_losses(history, path, title):
 
 def run_one(args, spec, seed, out):
     os.makedirs(out, exist_ok=True)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device) if args.device else speed._default_device()
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     images, labels = load_data(args.data, os.path.join(args.cache, "data"), args.limit)
@@ -339,7 +339,7 @@ def compare(args):
         return summarize(args.out, specs, seeds)
     stop_at = time.time() + args.time_budget if args.time_budget is not None else None
     images, _ = load_data(args.data, os.path.join(args.cache, "data"), args.limit)  # decode once for all runs
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device) if args.device else speed._default_device()
     net = load_metric(args, device)
     if net is not None:  # reference statistics once, cached for every run
         speed.reference_stats(net, images, os.path.join(args.cache, f"ref-{metric_name(net)}-{len(images)}.pt"),
@@ -398,7 +398,8 @@ def summarize(out, specs, seeds):
     if not runs:
         raise SystemExit(f"no finished runs under {out}")
     base = specs[0]
-    metric = next(iter(next(iter(runs.values())).values()))["metric"] or "FD"
+    first = next(iter(next(iter(runs.values())).values()))  # data, device and metric are shared by all runs
+    metric = first["metric"] or "FD"
     # Runs stopped by a time budget reach different steps: compare on the evaluations all runs have.
     common = sorted(set.intersection(*[{s for s, _ in r["evals"]} for by in runs.values() for r in by.values()]))
     rows, curves = [], {}
@@ -425,9 +426,7 @@ def summarize(out, specs, seeds):
     summary = dict(metric=metric, baseline=base, rows=rows, common_steps=common,
                    steps_reached={f"{k}_s{sd}": r["steps"] for k, by in runs.items() for sd, r in by.items()},
                    wall_s={f"{k}_s{sd}": r["wall_s"] for k, by in runs.items() for sd, r in by.items()},
-                   device=next(iter(next(iter(runs.values())).values()))["device"],
-                   data=next(iter(next(iter(runs.values())).values()))["data"],
-                   n_images=next(iter(next(iter(runs.values())).values()))["n_images"],
+                   device=first["device"], data=first["data"], n_images=first["n_images"],
                    curves={k: dict(steps=v[0], mean=v[1], per_seed=v[2]) for k, v in curves.items()})
     with open(os.path.join(out, "compare.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -14,9 +14,14 @@ DATA=${DATA:-$root/data/cifar10-train-jpeg75.zip}
 FD=${FD:-$root/metrics/cifar10-fdnet.pt}
 OUTDIR=${1:-runs/compare}
 BUDGET=${BUDGET:-360}
-COMMON="--data $DATA --fid-model $FD --model tiny --batch-size 128 --lr 5e-4 --warmup 500 --ema-decay 0.999
-        --steps 100000 --eval-every 750 --eval-samples 5000 --sample-steps 20 --time-budget $BUDGET --out $OUTDIR"
-python3 train_tiny.py --compare uniform,speed --seeds 0,1 --parallel 4 $COMMON &
-python3 train_tiny.py --compare speed:k=2,speed:dual=1,speed:lam=0.5 --seeds 0,1 --parallel 6 $COMMON &
+MAIN_SEEDS=${MAIN_SEEDS:-0,1}          # uniform and SpeeD
+VARIANT_SEEDS=${VARIANT_SEEDS:-0,1}    # the published SpeeD variants
+COMMON="--data $DATA --fid-model $FD --model tiny --batch-size 128 --lr 5e-4 --warmup ${WARMUP:-500}
+        --ema-decay ${EMA:-0.999} --steps 100000 --eval-every ${EVAL_EVERY:-750}
+        --eval-samples ${EVAL_SAMPLES:-5000} --sample-steps 20 --time-budget $BUDGET --out $OUTDIR"
+n_main=$(( 2 * $(echo "$MAIN_SEEDS" | tr ',' '\n' | wc -l) ))
+n_var=$(( 3 * $(echo "$VARIANT_SEEDS" | tr ',' '\n' | wc -l) ))
+python3 train_tiny.py --compare uniform,speed --seeds "$MAIN_SEEDS" --parallel $n_main $COMMON &
+python3 train_tiny.py --compare speed:k=2,speed:dual=1,speed:lam=0.5 --seeds "$VARIANT_SEEDS" --parallel $n_var $COMMON &
 wait
 python3 train_tiny.py --compare uniform,speed,speed:k=2,speed:dual=1,speed:lam=0.5 --seeds 0,1 --summarize --out $OUTDIR
