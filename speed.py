@@ -782,6 +782,9 @@ def _save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile
+
+
 def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, warmup=500,
           grad_clip=1.0, weight_decay=0.0, ema_decay=0.9999, target="eps", labels=None,
           precision="auto", compile=False, channels_last=None, flip=True, seed=0, device=None,
@@ -795,6 +798,8 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
     ckpt_every steps and at the end; with resume=True an existing checkpoint is continued, and the
     continued run matches an uninterrupted one exactly. callback(result) runs every callback_every
     steps and after the last step; if it returns True, training stops there (checkpointed).
+    compile: False, True (torch.compile's default mode) or a torch.compile mode name such as
+    "reduce-overhead" (CUDA graphs: removes the per-kernel launch cost that bounds small models).
     Seeds torch's global RNG (used by dropout) with `seed`.
     """
     _check(isinstance(model, nn.Module), "model must be a torch.nn.Module")
@@ -811,6 +816,8 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
     _check(isinstance(strategy, Strategy) and strategy.T == schedule.T,
            "strategy must come from make_strategy with the same T as schedule")
     _check_choice("target", target, TARGETS)
+    _check(compile in (False, True) or compile in COMPILE_MODES,
+           f"compile must be False, True or one of {COMPILE_MODES}; got {compile!r}")
     device = torch.device(device) if device is not None else _default_device()
     precision = pick_precision(device, precision)
     channels_last = device.type == "cuda" if channels_last is None else channels_last
@@ -850,7 +857,7 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
                           scaler=scaler.state_dict(), step=step, strategy=strategy.state_dict(),
                           rng=rng, history=history, extra=extra, config=config), ckpt_path)
 
-    net = torch.compile(model) if compile else model
+    net = torch.compile(model, mode=compile if isinstance(compile, str) else None) if compile else model
     images = images.to(device)
     labels = labels.to(device) if labels is not None else None
     areas = find_areas(schedule)

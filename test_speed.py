@@ -918,6 +918,27 @@ def test_train_lowers_the_loss():
     assert any(not torch.equal(a, b) for a, b in zip(r.ema.parameters(), model.parameters()))
 
 
+@pytest.mark.parametrize("compile,mode", [(True, None), ("reduce-overhead", "reduce-overhead")])
+def test_train_passes_the_compile_mode_to_torch_compile(monkeypatch, compile, mode):
+    """compile=True is torch.compile's default mode; a mode name (CUDA graphs: "reduce-overhead")
+    reaches torch.compile; the compiled module is what the step calls, the original what is saved."""
+    seen = []
+
+    def fake_compile(model, mode=None):
+        seen.append(mode)
+        return lambda *a, **k: (seen.append("called"), model(*a, **k))[1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    sch = speed.make_schedule("linear", 50)
+    model = tiny_unet()
+    r = speed.train(model, uint8_images(16, 8), sch, speed.make_strategy("uniform", sch), steps=2,
+                    batch_size=8, device="cpu", progress=False, compile=compile)
+    assert seen == [mode, "called", "called"] and r.model is model
+    with pytest.raises(ValueError, match="compile"):
+        speed.train(model, uint8_images(16, 8), sch, speed.make_strategy("uniform", sch), steps=1,
+                    batch_size=8, device="cpu", progress=False, compile="fastest")
+
+
 def _state(r):
     return ([p.detach().clone() for p in r.model.parameters()], [p.detach().clone() for p in r.ema.parameters()])
 
