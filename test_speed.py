@@ -1894,6 +1894,36 @@ def test_child_args_keep_the_rest():
             train_tiny.parse_args(["--preset", "cpu"] + bad)
 
 
+def test_compile_option_reaches_train(tmp_path, monkeypatch):
+    """--compile none is False for speed.train; a mode name is passed on; the h100 preset uses CUDA graphs."""
+    assert train_tiny.PRESETS["h100"]["compile"] == "reduce-overhead"
+    assert train_tiny.parse_args(["--preset", "cpu"]).compile == "none"
+    assert train_tiny.parse_args(["--preset", "cpu", "--compile", "default"]).compile == "default"
+    with pytest.raises(SystemExit):
+        train_tiny.parse_args(["--preset", "cpu", "--compile", "fastest"])
+    seen = []
+    monkeypatch.setattr(train_tiny.speed, "train", lambda *a, **k: seen.append(k["compile"]) or 1 / 0)
+    monkeypatch.setattr(train_tiny, "load_data", lambda *a: (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), None))
+    for flag, want in (("none", False), ("reduce-overhead", "reduce-overhead")):
+        args = train_tiny.parse_args(["--preset", "cpu", "--fid-model", "none", "--compile", flag,
+                                      "--cache", str(tmp_path)])
+        with pytest.raises(ZeroDivisionError):
+            train_tiny.run_one(args, "uniform", 0, str(tmp_path / flag))
+        assert seen[-1] == want
+
+
+def test_compare_resume_continues_runs_stopped_by_the_time_budget(tmp_path):
+    """--compare --resume skips a run only once it has reached --steps."""
+    d = tmp_path / "run"
+    assert not train_tiny._finished(str(d), 8)                      # never started
+    d.mkdir()
+    (d / "metrics.json").write_text("{not json")
+    assert not train_tiny._finished(str(d), 8)                      # torn file
+    (d / "metrics.json").write_text(json.dumps({"steps": 4, "planned_steps": 8}))
+    assert not train_tiny._finished(str(d), 8)                      # stopped by a time budget
+    assert train_tiny._finished(str(d), 4)
+
+
 # ---- 6. time budget --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("budget", [["--time-budget", "0"], ["--stop-at", "1"]])

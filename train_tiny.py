@@ -1,6 +1,6 @@
 """train_tiny.py: the quick CIFAR-10 check for SpeeD, and the side-by-side strategy comparison.
 
-    python train_tiny.py                                   # SpeeD, <= 10 min on one H100, prints FID/FD
+    python train_tiny.py                                   # SpeeD, ~6 min on one H100, prints FID/FD
     python train_tiny.py --data ../shared/data/cifar10-train-jpeg75.zip --fid-model ../shared/metrics/cifar10-fdnet.pt
     python train_tiny.py --preset t4                       # a Colab T4 budget (fp16)
     python train_tiny.py --preset cpu                      # seconds-long smoke run on the CPU
@@ -35,17 +35,18 @@ SHARED_ZIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sha
                           "cifar10-train-jpeg75.zip")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
-# Budgets, sized from bench/results/bench_train.json: the tiny UNet trains at about 1,650 img/s
-# (13 steps/s at batch 128) on an H100 in this loop, and DDIM-25 samples about 1,000 img/s.
-# h100: about 7 minutes on one H100 including evaluation; t4: a Colab T4 in about 10 minutes (fp16);
-# cpu: a seconds-long smoke run on a few images.
+# Budgets, sized from measured rates (bench/results/step_variants.json, H100): with CUDA graphs
+# (compile="reduce-overhead") the tiny UNet trains at 42 steps/s at batch 128 (eager: 13 steps/s,
+# host-bound), compilation takes about 80 s, and DDIM-25 samples about 1,000 img/s. h100: about
+# 6 minutes on one H100 including evaluation (estimated from those parts, not timed end to end);
+# t4: a Colab T4 in about 10 minutes (fp16, eager; not run on a T4); cpu: a seconds-long smoke run.
 PRESETS = {
-    "h100": dict(model="tiny", steps=5000, batch_size=128, lr=5e-4, warmup=200, ema_decay=0.999,
-                 evals=5, eval_samples=5000, sample_steps=25, limit=None),
+    "h100": dict(model="tiny", steps=10000, batch_size=128, lr=5e-4, warmup=200, ema_decay=0.999,
+                 evals=5, eval_samples=5000, sample_steps=25, limit=None, compile="reduce-overhead"),
     "t4": dict(model="tiny", steps=2000, batch_size=64, lr=5e-4, warmup=200, ema_decay=0.995,
-               evals=4, eval_samples=2000, sample_steps=25, limit=None),
+               evals=4, eval_samples=2000, sample_steps=25, limit=None, compile="none"),
     "cpu": dict(model="micro", steps=20, batch_size=8, lr=1e-3, warmup=5, ema_decay=0.9,
-                evals=2, eval_samples=64, sample_steps=5, limit=64),
+                evals=2, eval_samples=64, sample_steps=5, limit=64, compile="none"),
 }
 MICRO = dict(ch=16, ch_mult=(1, 2), num_blocks=1, attn_res=(16,), dropout=0.0)  # CPU smoke model
 
@@ -307,7 +308,8 @@ def run_one(args, spec, seed, out):
     check = min(eval_every, 50) if stop_at is not None else eval_every
     result = speed.train(model, images, schedule, strategy, steps=args.steps, batch_size=args.batch_size,
                          lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, precision=args.precision,
-                         compile=args.compile, seed=seed, device=device, log_every=args.log_every,
+                         compile=False if args.compile == "none" else args.compile, seed=seed, device=device,
+                         log_every=args.log_every,
                          callback=evaluate, callback_every=check, ckpt_path=os.path.join(out, "ckpt.pt"),
                          ckpt_every=eval_every, resume=args.resume, progress=not args.quiet)
     if result.step < args.steps:
@@ -348,7 +350,7 @@ def compare(args):
     for spec in specs:
         for seed in seeds:
             d = run_dir(args.out, spec, seed)
-            if os.path.exists(os.path.join(d, "metrics.json")) and args.resume:
+            if args.resume and _finished(d, args.steps):
                 continue
             cmd = [sys.executable, os.path.abspath(__file__), "--strategy", spec, "--seed", str(seed), "--out", d,
                    "--quiet"] + args.child_args + (["--stop-at", str(stop_at)] if stop_at is not None else [])
@@ -375,6 +377,15 @@ def compare(args):
     if failed:
         print(f"[compare] failed runs (see their log.txt): {failed}", file=sys.stderr)
     return summary
+
+
+def _finished(d, steps):
+    """True if the run in folder d has reached `steps` (one stopped by a time budget has not)."""
+    try:
+        with open(os.path.join(d, "metrics.json")) as f:
+            return json.load(f)["steps"] >= steps
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def _mean_std(xs):
@@ -502,7 +513,8 @@ def parse_args(argv=None):
     p.add_argument("--schedule", choices=speed.SCHEDULES, default="linear")
     p.add_argument("--T", type=int, default=1000)
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", choices=["none", *speed.COMPILE_MODES], default=None,
+                   help="torch.compile mode for the model (h100 preset: reduce-overhead, i.e. CUDA graphs)")
     p.add_argument("--device", default=None)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--out", default=None, help="output folder (default runs/<strategy> or runs/compare)")
