@@ -4,10 +4,9 @@
 # Ten runs share the GPU (uniform and SpeeD variants, seeds 0 and 1), each with the same model, data
 # order, optimiser and evaluation; each trains until BUDGET seconds have passed, and the curves are
 # compared on the evaluation steps that every run reached.
-# Status: its only run so far (after a compile benchmark in the same 10-minute device call) was cut
-# off before any run reached its first evaluation at step 750; the README's numbers come from the
-# shorter bench/run_compare2.sh. At ~13 steps/s per run it wants BUDGET >= 1800 on a GPU of your own
-# (train_tiny.py --compare ... --resume continues interrupted runs from their checkpoints).
+# Status: its only run (after a compile benchmark in the same 10-minute device call) was cut off
+# before any run reached its first evaluation. The README's results come from bench/run_compare3.sh
+# (CUDA graphs, resumable across device calls) and, earlier, the shorter bench/run_compare2.sh.
 set -u
 root=../shared; [ -d shared/data ] && root=shared      # on the device machine shared/ is carried in
 DATA=${DATA:-$root/data/cifar10-train-jpeg75.zip}

@@ -1,0 +1,53 @@
+"""Steps each strategy needs to reach several quality levels, from a --compare folder's compare.json.
+
+    python bench/reach_levels.py bench/results/compare3 --levels 25,20,17,15,14.5
+
+The README's speed-up (the issue's definition) asks when each curve reaches the baseline's *final*
+value, which hangs on one noisy last evaluation. Reaching several levels on the mean curves (linearly
+interpolated between evaluations, as train_tiny.steps_to_reach does) shows where a strategy is ahead
+or behind along the way. Writes reach_levels.md next to compare.json.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from train_tiny import steps_to_reach  # noqa: E402
+
+
+def table(summary, levels):
+    base = summary["baseline"]
+    curves = summary["curves"]
+    head = "| strategy | seeds | " + " | ".join(f"steps to {summary['metric']} ≤ {lv:g}" for lv in levels) + " |"
+    rows = [head, "|---|---|" + "---|" * len(levels)]
+    for spec, c in curves.items():
+        cells = []
+        for lv in levels:
+            need = steps_to_reach(c["steps"], c["mean"], lv)
+            ref = steps_to_reach(curves[base]["steps"], curves[base]["mean"], lv)
+            if need is None:
+                cells.append("not reached")
+            else:
+                cells.append(f"{need:,.0f}" + (f" ({ref / need:.2f}×)" if ref is not None and spec != base else ""))
+        rows.append(f"| {spec} | {len(c['per_seed'])} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("folder")
+    p.add_argument("--levels", default="25,20,17,15,14.5")
+    args = p.parse_args()
+    with open(os.path.join(args.folder, "compare.json")) as f:
+        summary = json.load(f)
+    md = table(summary, [float(x) for x in args.levels.split(",")])
+    md += (f"\nMean curves over seeds; (×) = {summary['baseline']} steps / strategy steps to the same level. "
+           f"{summary['device']}, {summary['metric']}.\n")
+    with open(os.path.join(args.folder, "reach_levels.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
