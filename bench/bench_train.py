@@ -2,6 +2,8 @@
 cost of SpeeD's time-step sampling + weighting next to uniform.
 
     python bench/bench_train.py --out bench/results/bench_train.json     (on a GPU; ~4 minutes)
+    python bench/bench_train.py --sizes small,ddpm --compile small,ddpm --mode reduce-overhead \
+        --overhead 0 --sampler 0 --out bench/results/bench_train_graphs.json   (allow 3 minutes a size)
 
 Every number is measured through the same code users run: speed.train (the whole step: data, flips,
 time-step sampling, loss, backward, clipping, AdamW, EMA, per-area logging) and speed.ddim_sample.
@@ -54,6 +56,7 @@ def main():
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--sizes", default="tiny,small,ddpm")
     p.add_argument("--compile", default="1", help="1 (all sizes), 0, or the sizes to compile, e.g. tiny")
+    p.add_argument("--mode", default="default", choices=speed.COMPILE_MODES, help="torch.compile mode")
     p.add_argument("--rounds", type=int, default=3, help="interleaved uniform/speed rounds for the overhead")
     p.add_argument("--overhead", default="1")
     p.add_argument("--sampler", default="1")
@@ -64,6 +67,7 @@ def main():
     schedule = speed.make_schedule("linear", 1000)
     images = torch.randint(0, 256, (20000, 3, 32, 32), dtype=torch.uint8)
     res = dict(device=dev, torch=torch.__version__, batch=args.batch, precision=speed.pick_precision("cuda"),
+               compile_mode=args.mode,
                sizes={}, strategy_overhead={}, sampler={})
     from torch.utils.flop_counter import FlopCounterMode
     for size in args.sizes.split(","):
@@ -76,7 +80,7 @@ def main():
         if args.compile == "1" or size in args.compile.split(","):
             t0 = time.time()
             entry["compiled_img_s"], entry["compiled_intervals"] = train_img_s(size, "uniform", images, schedule, steps,
-                                                                               True, args.batch)
+                                                                               args.mode, args.batch)
             entry["compiled_total_s"] = time.time() - t0
             entry["compile_speedup"] = entry["compiled_img_s"] / entry["eager_img_s"]
         entry["train_tflops"] = 3 * entry["gflop_fwd"] * entry["eager_img_s"] / 1e3
