@@ -1912,6 +1912,18 @@ def test_compile_option_reaches_train(tmp_path, monkeypatch):
         assert seen[-1] == want
 
 
+def test_compile_without_triton_on_a_gpu_falls_back_to_eager(monkeypatch, capsys):
+    real = train_tiny.importlib.util.find_spec
+    assert train_tiny.compile_mode_for("none", "cuda") is False
+    assert train_tiny.compile_mode_for("reduce-overhead", "cpu") == "reduce-overhead"
+    monkeypatch.setattr(train_tiny.importlib.util, "find_spec", lambda n: None if n == "triton" else real(n))
+    assert train_tiny.compile_mode_for("reduce-overhead", "cuda") is False
+    assert "needs Triton" in capsys.readouterr().out
+    monkeypatch.setattr(train_tiny.importlib.util, "find_spec", lambda n: object())
+    assert train_tiny.compile_mode_for("reduce-overhead", "cuda") == "reduce-overhead"
+    assert capsys.readouterr().out == ""
+
+
 def test_compare_resume_continues_runs_stopped_by_the_time_budget(tmp_path):
     """--compare --resume skips a run only once it has reached --steps."""
     d = tmp_path / "run"

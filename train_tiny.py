@@ -13,6 +13,7 @@ run plus compare.json, compare.md and compare.png with the quality-vs-steps curv
 """
 
 import argparse
+import importlib.util
 import io
 import json
 import os
@@ -252,6 +253,18 @@ def plot_losses(history, path, title):
     plt.close(fig)
 
 
+def compile_mode_for(mode, device):
+    """--compile value -> speed.train's compile argument. On a GPU torch.compile needs Triton (not
+    available everywhere, e.g. on some Windows installs): without it, say so and train eagerly."""
+    if mode in (None, "none"):
+        return False
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is None:
+        print(f"[train_tiny] --compile {mode} needs Triton, which is not installed: training without "
+              f"torch.compile (about 3x slower for the tiny UNet; pass --compile none to silence this)")
+        return False
+    return mode
+
+
 def run_one(args, spec, seed, out):
     os.makedirs(out, exist_ok=True)
     device = torch.device(args.device) if args.device else speed._default_device()
@@ -260,6 +273,7 @@ def run_one(args, spec, seed, out):
     images, labels = load_data(args.data, os.path.join(args.cache, "data"), args.limit)
     res = images.shape[-1]
     name, options = parse_strategy(spec)
+    compile_mode = compile_mode_for(args.compile, device)
     schedule = speed.make_schedule(args.schedule, args.T)
     strategy = speed.make_strategy(name, schedule, **options)
     arch = MICRO if args.model == "micro" else speed.UNET_SIZES[args.model]
@@ -308,7 +322,7 @@ def run_one(args, spec, seed, out):
     check = min(eval_every, 50) if stop_at is not None else eval_every
     result = speed.train(model, images, schedule, strategy, steps=args.steps, batch_size=args.batch_size,
                          lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, precision=args.precision,
-                         compile=False if args.compile == "none" else args.compile, seed=seed, device=device,
+                         compile=compile_mode, seed=seed, device=device,
                          log_every=args.log_every,
                          callback=evaluate, callback_every=check, ckpt_path=os.path.join(out, "ckpt.pt"),
                          ckpt_every=eval_every, resume=args.resume, progress=not args.quiet)
