@@ -322,8 +322,7 @@ def run_one(args, spec, seed, out):
     check = min(eval_every, 50) if stop_at is not None else eval_every
     result = speed.train(model, images, schedule, strategy, steps=args.steps, batch_size=args.batch_size,
                          lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, precision=args.precision,
-                         compile=compile_mode, seed=seed, device=device,
-                         log_every=args.log_every,
+                         compile=compile_mode, seed=seed, device=device, log_every=args.log_every,
                          callback=evaluate, callback_every=check, ckpt_path=os.path.join(out, "ckpt.pt"),
                          ckpt_every=eval_every, resume=args.resume, progress=not args.quiet)
     if result.step < args.steps:

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The longer comparison (CIFAR-10 JPEG-75 copy, FD-fdnet, one H100), made possible by CUDA graphs
+# The longer comparison (CIFAR-10 JPEG-75 copy, FD-fdnet, one GPU), made possible by CUDA graphs
 # (--compile reduce-overhead: 3.4x the eager step rate, bench/results/step_variants.json).
 # Seven runs share the GPU: uniform and SpeeD (k=5, lambda=0.6) with seeds 0 and 1, and the published
 # SpeeD variants k=2, dual sampling, lambda=0.5 with seed 0. Each call trains for BUDGET seconds and
 # checkpoints; calling it again continues every run (--resume), so a 10-minute limit per command is
 # no obstacle. Evaluation every 500 steps: 2,000 DDIM-20 samples with the same noise for every run.
 #   BUDGET=480 bash bench/run_compare3.sh runs/compare3      # repeat to train longer
+# The committed results (bench/results/compare3): BUDGET=455, then BUDGET=470, on one H200.
 set -u
 root=../shared; [ -d shared/data ] && root=shared      # on the device machine shared/ is carried in
 OUTDIR=${1:-runs/compare3}

@@ -1,6 +1,6 @@
 """Why does the tiny UNet train at ~13 steps/s whatever its size, and what fixes it?
 
-    python bench/step_variants.py --out bench/results/step_variants.json     (GPU; about 6 minutes)
+    python bench/step_variants.py --out bench/results/step_variants.json     (GPU; about 8 minutes)
 
 Measures, through speed.train (the whole step users run), the tiny UNet at batch 128:
   1. eager bf16 and fp32, and eager bf16 at batch 512: if the loop is bound by the host (Python and
