@@ -303,8 +303,10 @@ def _target_factor(schedule, target):
     return {"eps": torch.ones_like(snr), "x0": snr, "v": snr / (snr + 1)}[target]
 
 
-def _normal_cdf(x):
-    return 0.5 * (1 + torch.special.erf(x / math.sqrt(2)))
+def _normal_bin_probs(z):
+    """Standard-normal mass of the len(z) + 1 bins between sorted edges z (first and last unbounded)."""
+    cdf = 0.5 * (1 + torch.special.erf(z / math.sqrt(2)))
+    return torch.cat([cdf.new_zeros(1), cdf, cdf.new_ones(1)]).diff()
 
 
 def lognormal_probs(schedule, p_mean=-1.2, p_std=1.2):
@@ -312,19 +314,14 @@ def lognormal_probs(schedule, p_mean=-1.2, p_std=1.2):
     nearest discrete step in ln sigma: P(t) is the normal mass of t's bin (bin edges at midpoints)."""
     _check(p_std > 0, f"p_std must be > 0; got {p_std!r}")
     ls = schedule.sigma.log()
-    edges = (ls[1:] + ls[:-1]) / 2
-    cdf = _normal_cdf((edges - p_mean) / p_std)
-    cdf = torch.cat([cdf.new_zeros(1), cdf, cdf.new_ones(1)])
-    return cdf.diff()
+    return _normal_bin_probs(((ls[1:] + ls[:-1]) / 2 - p_mean) / p_std)
 
 
 def logitnormal_probs(T, mean=0.0, std=1.0):
     """SD3 logit-normal: u ~ N(mean, std^2), t = round(sigmoid(u) (T-1)); P(t) exactly."""
     _check(std > 0, f"std must be > 0; got {std!r}")
     s = (torch.arange(T - 1, dtype=torch.float64) + 0.5) / (T - 1)  # bin edges in (0, 1)
-    cdf = _normal_cdf((torch.logit(s) - mean) / std)
-    cdf = torch.cat([cdf.new_zeros(1), cdf, cdf.new_ones(1)])
-    return cdf.diff()
+    return _normal_bin_probs((torch.logit(s) - mean) / std)
 
 
 class Strategy:
@@ -1030,8 +1027,9 @@ def _sqrtm_psd(s):
 
 def frechet_distance(a, b):
     """Frechet distance between two feature sets [N, D] or two (mean, covariance) pairs."""
-    mu1, s1 = feature_stats(a) if torch.is_tensor(a) else (a[0].double().cpu(), a[1].double().cpu())
-    mu2, s2 = feature_stats(b) if torch.is_tensor(b) else (b[0].double().cpu(), b[1].double().cpu())
+    def stats(x):
+        return feature_stats(x) if torch.is_tensor(x) else (x[0].double().cpu(), x[1].double().cpu())
+    (mu1, s1), (mu2, s2) = stats(a), stats(b)
     _check(mu1.shape == mu2.shape, f"feature sizes differ: {tuple(mu1.shape)} vs {tuple(mu2.shape)}")
     tr_sqrt = torch.linalg.svdvals(_sqrtm_psd(s1) @ _sqrtm_psd(s2)).sum()
     return float(((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace() - 2 * tr_sqrt)
@@ -1064,10 +1062,6 @@ class FeatureNet:
         if self.kind == "inception":
             return self.net(images.round().clamp(0, 255).to(torch.uint8), return_features=True).float()
         return self.net(images.float()).float()
-
-
-def _sha256(path):
-    return _digest(path, "sha256")
 
 
 def _digest(path, algo):
@@ -1125,7 +1119,7 @@ def load_feature_net(name_or_path="inception", cache_dir=None, sha256=None, kind
         path = name_or_path
         _check(os.path.isfile(path), f"feature net {path!r} is neither 'inception' nor an existing file")
         kind = kind or ("inception" if os.path.basename(path).startswith("inception") else "generic")
-    digest, stamp = _sha256(path), path + ".sha256"
+    digest, stamp = _digest(path, "sha256"), path + ".sha256"
     want = sha256 or (open(stamp).read().strip() if os.path.exists(stamp) else None)
     _check(want is None or digest == want, f"{path} has sha256 {digest}, expected {want}")
     if want is None and name_or_path == "inception":
