@@ -1639,6 +1639,19 @@ def test_speedup_factors():
     assert need == 75.0 and factor == pytest.approx(200 / 75)
 
 
+
+def test_steps_to_levels_against_the_baseline():
+    curves = {"uniform": {"steps": [10, 20, 30], "mean": [9.0, 6.0, 4.0]},
+              "speed": {"steps": [10, 20, 30], "mean": [7.0, 5.0, 4.5]}}
+    table = train_tiny.steps_to_levels(curves, "uniform", [8.0, 5.0, 4.0])
+    # uniform: 8 at 10 + 10/3, 5 at 25, 4 at 30; speed: 8 at its first evaluation, 5 at 20, never 4
+    assert table["uniform"] == [(pytest.approx(40 / 3), 1.0), (25.0, 1.0), (30.0, 1.0)]
+    assert table["speed"][0] == (10.0, pytest.approx(4 / 3))
+    assert table["speed"][1] == (20.0, 1.25)
+    assert table["speed"][2] == (None, None)
+    # a level the baseline never reaches: steps for the strategy, but no ratio
+    assert train_tiny.steps_to_levels(curves, "speed", [4.0])["uniform"] == [(30.0, None)]
+
 # ---- 4. data: dataset zips, image folders, the CIFAR-10 archive, errors -----------------------------
 
 def _rgb(h, w, seed):

@@ -183,6 +183,20 @@ def speedup(base_steps, base_fd, steps, fd):
     return (need_base / need if need else None), need
 
 
+def steps_to_levels(curves, base, levels):
+    """For each curve {spec: {"steps", "mean"}} and each quality level: (steps to reach it, the base
+    curve's steps to reach it / those steps); None where a curve never reaches the level."""
+    def reach(spec, level):
+        return steps_to_reach(curves[spec]["steps"], curves[spec]["mean"], level)
+    table = {}
+    for spec in curves:
+        table[spec] = []
+        for level in levels:
+            need, ref = reach(spec, level), reach(base, level)
+            table[spec].append((need, ref / need if need and ref is not None else None))
+    return table
+
+
 # ------------------------------------------------------------------------------------------------
 # One run
 # ------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 
 The README's speed-up (the issue's definition) asks when each curve reaches the baseline's *final*
 value, which hangs on one noisy last evaluation. Reaching several levels on the mean curves (linearly
-interpolated between evaluations, as train_tiny.steps_to_reach does) shows where a strategy is ahead
+interpolated between evaluations: train_tiny.steps_to_levels) shows where a strategy is ahead
 or behind along the way. Writes reach_levels.md next to compare.json.
 """
 import argparse
@@ -13,24 +13,17 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from train_tiny import steps_to_reach  # noqa: E402
+from train_tiny import steps_to_levels  # noqa: E402
 
 
 def table(summary, levels):
     base = summary["baseline"]
-    curves = summary["curves"]
     head = "| strategy | seeds | " + " | ".join(f"steps to {summary['metric']} ≤ {lv:g}" for lv in levels) + " |"
     rows = [head, "|---|---|" + "---|" * len(levels)]
-    for spec, c in curves.items():
-        cells = []
-        for lv in levels:
-            need = steps_to_reach(c["steps"], c["mean"], lv)
-            ref = steps_to_reach(curves[base]["steps"], curves[base]["mean"], lv)
-            if need is None:
-                cells.append("not reached")
-            else:
-                cells.append(f"{need:,.0f}" + (f" ({ref / need:.2f}×)" if ref is not None and spec != base else ""))
-        rows.append(f"| {spec} | {len(c['per_seed'])} | " + " | ".join(cells) + " |")
+    for spec, cells in steps_to_levels(summary["curves"], base, levels).items():
+        text = ["not reached" if need is None else f"{need:,.0f}" + (f" ({x:.2f}×)" if x and spec != base else "")
+                for need, x in cells]
+        rows.append(f"| {spec} | {len(summary['curves'][spec]['per_seed'])} | " + " | ".join(text) + " |")
     return "\n".join(rows) + "\n"
 
 
