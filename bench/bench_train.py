@@ -22,14 +22,26 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import speed  # noqa: E402
 
 
-def train_img_s(size, strategy_name, images, schedule, steps, compile, batch):
+def train_img_s(size, strategy_name, images, schedule, steps, compile, batch, intervals=6, **train_kwargs):
+    """Median img/s of `intervals` log intervals of speed.train, skipping the first two (warm-up,
+    compilation), and the rounded rates of the intervals kept."""
     model = speed.make_unet(size)
     strategy = speed.make_strategy(strategy_name, schedule)
-    log = max(steps // 6, 1)
+    log = max(steps // intervals, 1)
     r = speed.train(model, images, schedule, strategy, steps=steps, batch_size=batch, log_every=log,
-                    compile=compile, progress=False, warmup=10)
-    rates = [h["img_per_s"] for h in r.history[2:]]  # skip warm-up / compilation intervals
+                    compile=compile, progress=False, warmup=10, **train_kwargs)
+    rates = [h["img_per_s"] for h in r.history[2:]]
     return statistics.median(rates), [round(x) for x in rates]
+
+
+def sample_img_s(model, schedule, steps=25, n=5000, batch=1000):
+    """DDIM images/s after one warm-up batch (which also compiles a compiled model)."""
+    speed.ddim_sample(model, schedule, batch, steps=steps, batch_size=batch, device="cuda")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    speed.ddim_sample(model, schedule, n, steps=steps, batch_size=batch, device="cuda")
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
 
 
 def sample_cost(name, schedule, batch, iters=2000):
@@ -129,12 +141,7 @@ def sampler(res, schedule):
     """Sampler throughput (DDIM, bf16, batch 1000) for the tiny model."""
     model = speed.make_unet("tiny").cuda().eval()
     for steps in (25, 100):
-        speed.ddim_sample(model, schedule, 1000, steps=steps, batch_size=1000)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        speed.ddim_sample(model, schedule, 5000, steps=steps, batch_size=1000)
-        torch.cuda.synchronize()
-        res["sampler"][f"tiny_ddim{steps}_img_s"] = 5000 / (time.perf_counter() - t0)
+        res["sampler"][f"tiny_ddim{steps}_img_s"] = sample_img_s(model, schedule, steps)
     print("sampler", json.dumps(res["sampler"]), flush=True)
 
 

@@ -14,7 +14,6 @@ Results are written after each measurement, so a cut-off run keeps what it finis
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -22,16 +21,15 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import speed  # noqa: E402
+from bench_train import sample_img_s, train_img_s  # noqa: E402
 
 
-def rate(images, schedule, steps, batch=128, **kw):
-    """Median img/s over the log intervals after the first two (warm-up, compilation), and wall time."""
+def rate(images, schedule, steps, batch=128, compile=False, **kw):
+    """The tiny UNet's median img/s over 8 log intervals after the first two (bench_train.train_img_s),
+    and the wall time including compilation."""
     t0 = time.perf_counter()
-    r = speed.train(speed.make_unet("tiny"), images, schedule, speed.make_strategy("uniform", schedule),
-                    steps=steps, batch_size=batch, log_every=max(steps // 8, 1), warmup=10, progress=False, **kw)
-    rates = [h["img_per_s"] for h in r.history[2:]]
-    return dict(img_s=statistics.median(rates), steps_s=statistics.median(rates) / batch,
-                intervals=[round(x) for x in rates], total_s=time.perf_counter() - t0)
+    img_s, intervals = train_img_s("tiny", "uniform", images, schedule, steps, compile, batch, intervals=8, **kw)
+    return dict(img_s=img_s, steps_s=img_s / batch, intervals=intervals, total_s=time.perf_counter() - t0)
 
 
 def profile_eager(images, schedule, steps=30):
@@ -52,15 +50,6 @@ def profile_eager(images, schedule, steps=30):
     return dict(steps=steps, wall_ms_per_step=1e3 * wall / steps, gpu_kernel_ms_per_step=gpu_us / 1e3 / steps,
                 kernels_per_step=len(kernels) / steps, launch_calls_per_step=len(launches) / steps,
                 top_self_cpu=[(e.key, round(e.self_cpu_time_total / steps)) for e in top])
-
-
-def sample_rate(model, schedule, n=5000, batch=1000, steps=25):
-    speed.ddim_sample(model, schedule, batch, steps=steps, batch_size=batch, device="cuda")  # warm / compile
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    speed.ddim_sample(model, schedule, n, steps=steps, batch_size=batch, device="cuda")
-    torch.cuda.synchronize()
-    return n / (time.perf_counter() - t0)
 
 
 def main():
@@ -93,9 +82,9 @@ def main():
         record("compile_reduce_overhead_b128", rate(images, schedule, 1600, compile="reduce-overhead"))
     if "sampler" in parts:
         model = speed.make_unet("tiny").cuda().eval()
-        record("ddim25_eager_img_s", sample_rate(model, schedule))
+        record("ddim25_eager_img_s", sample_img_s(model, schedule))
         t0 = time.perf_counter()
-        record("ddim25_compiled_img_s", sample_rate(torch.compile(model), schedule))
+        record("ddim25_compiled_img_s", sample_img_s(torch.compile(model), schedule))
         record("ddim25_compiled_total_s", time.perf_counter() - t0)
 
 
