@@ -112,6 +112,18 @@ def uint8_images(n=64, res=8, seed=0):
     return ((structured_images(n, 3, res, seed) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def _count_calls(monkeypatch, module, name):
+    """Wrap module.name so each call appends to the returned list, then runs the real function."""
+    calls, real = [], getattr(module, name)
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
 def tiny_unet(**kw):
     cfg = dict(img_res=8, ch=16, ch_mult=(1, 2), num_blocks=1, attn_res=(4,), dropout=0.0)
     cfg.update(kw)
@@ -1342,21 +1354,13 @@ def test_reference_stats_cached_and_reused(tmp_path, monkeypatch):
     torch.testing.assert_close(sigma, torch.cov(feats.T))
     mtime = os.stat(cache).st_mtime_ns
 
-    calls = []
-    real = speed.compute_features
-
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(speed, "compute_features", counting)
+    calls = _count_calls(monkeypatch, speed, "compute_features")
     mu2, sigma2 = speed.reference_stats(net, images, cache_path=str(cache), batch_size=16)
     assert calls == [] and os.stat(cache).st_mtime_ns == mtime
     assert torch.equal(mu, mu2) and torch.equal(sigma, sigma2)
     other = uint8_images(40, 8, seed=4)
     speed.reference_stats(net, other, cache_path=str(cache), batch_size=16)
     assert calls == [1]
-    monkeypatch.setattr(speed, "compute_features", real)
     fd = speed.fd_of_samples(net, images, (mu, sigma), batch_size=16)
     assert abs(fd) < 1e-8 * float(sigma.trace())
     assert speed.fd_of_samples(net, other, (mu, sigma)) > 1e-3
@@ -1441,14 +1445,7 @@ def test_train_tiny_cpu_preset_end_to_end_then_resume(tmp_path, monkeypatch, tin
     assert ck["extra"]["evals"] == m["evals"]
 
     # --resume with more steps continues from step 20: only 10 more training steps run
-    calls = []
-    real_loss = speed.diffusion_loss
-
-    def counting_loss(*a, **k):
-        calls.append(1)
-        return real_loss(*a, **k)
-
-    monkeypatch.setattr(speed, "diffusion_loss", counting_loss)
+    calls = _count_calls(monkeypatch, speed, "diffusion_loss")
     assert train_tiny.main(argv + ["--resume", "--steps", "30"]) == 0
     assert len(calls) == 10
     m2 = json.loads((out / "metrics.json").read_text())
