@@ -1973,6 +1973,7 @@ def test_time_budget_stops_at_the_first_check(tmp_path, monkeypatch, capsys, bud
 # tutorial.ipynb: CI executes it headlessly on the CPU in its small mode and fails on any cell error
 # ================================================================================================
 
+@needs_shared  # no internet in tests: the notebook's data comes from the shared zip
 def test_tutorial_notebook_runs_top_to_bottom_in_small_mode(monkeypatch):
     """The whole notebook through a real Jupyter kernel (SPEED_TUTORIAL_SMALL=1 shrinks it)."""
     nbformat = pytest.importorskip("nbformat", reason="jupyter is in requirements.txt; CI installs it")
