@@ -671,6 +671,36 @@ def test_strategy_weights_agree_with_sampled_weights(name):
         np.testing.assert_allclose(s.weights(target)[t].float().numpy(), w.numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("spec", [("uniform", {}), ("speed", {}), ("speed", {"dual": True}), ("p2", {}),
+                                  ("min_snr", {}), ("lognormal", {}), ("logitnormal", {})])
+def test_area_shares_match_the_sampled_objective(spec):
+    """area_shares = each area's part of sum(w) over many sample() draws (dual: the mirrored draws too)."""
+    sch = speed.make_schedule("linear", 1000)
+    areas, s = speed.find_areas(sch), speed.make_strategy(spec[0], sch, **spec[1])
+    shares = s.area_shares(areas)
+    assert list(shares) == list(speed.AREA_NAMES) and sum(shares.values()) == pytest.approx(1, abs=1e-12)
+    t, w = s.sample(400_000, generator=gen(5))
+    per_area = torch.bincount(areas.label(t), weights=w.double(), minlength=3) / w.double().sum()
+    np.testing.assert_allclose(list(shares.values()), per_area.numpy(), atol=0.005)
+
+
+def test_area_shares_closed_forms_and_order():
+    """uniform: the areas' step fractions; SpeeD without weighting: convergence gets (T - tau) of
+    k tau + T - tau; P2 and Min-SNR, which down-weight low-noise steps, give convergence more than
+    uniform does, and SpeeD less; a T mismatch is refused."""
+    sch = speed.make_schedule("linear", 1000)
+    areas = speed.find_areas(sch)
+    uni = speed.make_strategy("uniform", sch).area_shares(areas)
+    assert uni == pytest.approx(areas.fractions(), abs=1e-12)
+    k, tau = 3, areas.tau
+    plain = speed.make_strategy("speed", sch, k=k, lam=None).area_shares(areas)
+    assert plain["convergence"] == pytest.approx((1000 - tau) / (k * tau + 1000 - tau), abs=1e-12)
+    conv = {n: speed.make_strategy(n, sch).area_shares(areas)["convergence"] for n in ("p2", "min_snr", "speed")}
+    assert conv["p2"] > conv["min_snr"] > uni["convergence"] > conv["speed"]
+    with pytest.raises(ValueError, match="areas"):
+        speed.make_strategy("uniform", sch).area_shares(speed.find_areas(speed.make_schedule("linear", 100)))
+
+
 # ------------------------------------------------------------------------------------------------
 # 9. diffusion loss
 # ------------------------------------------------------------------------------------------------
