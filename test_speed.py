@@ -1474,11 +1474,14 @@ def test_train_tiny_cpu_preset_end_to_end_then_resume(tmp_path, monkeypatch, tin
     assert ck["step"] == 20 and ck["config"]["strategy"] == "speed"
     assert ck["extra"]["evals"] == m["evals"]
 
-    # --resume with more steps continues from step 20: only 10 more training steps run
+    # --resume with more steps continues from step 20: only 10 more training steps run, and wall_s
+    # adds this call's time to the earlier calls' (made large here so the sum is unmistakable)
+    (out / "metrics.json").write_text(json.dumps({**m, "wall_s": 1000.0}))
     calls = _count_calls(monkeypatch, speed, "diffusion_loss")
     assert train_tiny.main(argv + ["--resume", "--steps", "30"]) == 0
     assert len(calls) == 10
     m2 = json.loads((out / "metrics.json").read_text())
+    assert 1000 < m2["wall_s"] < 1000 + 300
     assert m2["steps"] == m2["planned_steps"] == 30 and m2["finished"] is True
     assert m2["evals"][:2] == m["evals"]  # the history continues: earlier results kept as they were
     assert [s for s, _ in m2["evals"]] == [10, 20, 30] and math.isfinite(m2["final"])

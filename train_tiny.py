@@ -302,7 +302,7 @@ def run_one(args, spec, seed, out):
     eval_every = args.eval_every or max(1, args.steps // args.evals)
     stop_at = args.stop_at if args.stop_at is not None else (
         time.time() + args.time_budget if args.time_budget is not None else None)
-    t0 = time.time()
+    t0 = time.time() - (_previous_wall_s(out) if args.resume else 0.0)  # wall_s counts every call of a run
 
     def write_metrics(result, done):
         evals = result.extra.get("evals", [])
@@ -404,6 +404,17 @@ def compare(args):
     if failed:
         print(f"[compare] failed runs (see their log.txt): {failed}", file=sys.stderr)
     return summary
+
+
+def _previous_wall_s(out):
+    """Seconds the earlier calls of the run in `out` took (from its last metrics file), 0 if none."""
+    for name in ("metrics.partial.json", "metrics.json"):
+        try:
+            with open(os.path.join(out, name)) as f:
+                return float(json.load(f)["wall_s"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return 0.0
 
 
 def _finished(d, steps):
