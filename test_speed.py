@@ -1598,13 +1598,17 @@ def test_summarize_partial_runs_compared_on_common_steps(tmp_path, capsys):
     assert p2["seeds"] == 1 and p2["speedup_mean_curve"] is None and p2["steps_to_base_final"] is None
     assert p2["speedup_per_seed"] == [None] and p2["not_reached_seeds"] == 1
     assert p2["final_mean"] == 45.0 and p2["final_std"] == 0.0
+    # objective shares per area on the default schedule (linear, T = 1000: the runs' config is empty)
+    sch = speed.make_schedule("linear", 1000)
+    for name in rows:
+        assert rows[name]["area_shares"] == speed.make_strategy(name, sch).area_shares(speed.find_areas(sch))
     # the files
     assert json.loads((out / "compare.json").read_text()) == json.loads(json.dumps(s))
     md = (out / "compare.md").read_text().splitlines()
     assert md[0].startswith("| strategy | seeds | final FD-x") and "speed-up vs uniform" in md[0]
-    assert md[2] == "| uniform | 2 | 41.00 ± 1.41 | 1.00× | 1.00 ± 0.00 |"
-    assert md[3] == "| speed | 2 | 27.50 ± 3.54 | 1.66× | 1.68 ± 0.11 |"
-    assert md[4] == "| p2 | 1 | 45.00 ± 0.00 | not reached | —; 1 not reached |"
+    assert md[2] == "| uniform | 2 | 41.00 ± 1.41 | 1.00× | 1.00 ± 0.00 | 0.22 / 0.48 / 0.30 |"
+    assert md[3] == "| speed | 2 | 27.50 ± 3.54 | 1.66× | 1.68 ± 0.11 | 0.28 / 0.57 / 0.15 |"
+    assert md[4] == "| p2 | 1 | 45.00 ± 0.00 | not reached | —; 1 not reached | 0.04 / 0.54 / 0.42 |"
     assert "| speed | 2 |" in capsys.readouterr().out
     _read_png(out / "compare.png")
 

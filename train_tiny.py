@@ -435,7 +435,8 @@ def _mean_std(xs):
 
 
 def summarize(out, specs, seeds):
-    """Read every run's metrics.json and write compare.json, compare.md and compare.png."""
+    """Read every run's metrics.json and write compare.json, compare.md and compare.png. Each row also
+    says how a strategy splits its objective over the three areas (Strategy.area_shares)."""
     runs = {}
     for spec in specs:
         for seed in seeds:
@@ -457,6 +458,9 @@ def summarize(out, specs, seeds):
         mean = [sum(c[i] for c in fds) / len(fds) for i in range(len(common))] if common else []
         curves[spec] = (common, mean, fds)
     bsteps, bmean, bfds = curves.get(base, ([], [], []))
+    cfg = first.get("config") or {}
+    schedule = speed.make_schedule(cfg.get("schedule", "linear"), cfg.get("T", 1000))
+    areas = speed.find_areas(schedule)
     for spec, (steps, mean, fds) in curves.items():
         final_m, final_s = _mean_std([c[-1] for c in fds if c])
         factor, need = speedup(bsteps, bmean, steps, mean) if bmean and mean else (None, None)
@@ -468,7 +472,9 @@ def summarize(out, specs, seeds):
                 if b and s:
                     per_seed.append(speedup(bsteps, b, steps, s)[0])
         sm, ss = _mean_std(per_seed)
-        rows.append(dict(strategy=spec, seeds=len(fds), final_mean=final_m, final_std=final_s,
+        name, options = parse_strategy(spec)
+        shares = speed.make_strategy(name, schedule, **options).area_shares(areas)
+        rows.append(dict(strategy=spec, seeds=len(fds), final_mean=final_m, final_std=final_s, area_shares=shares,
                          speedup_mean_curve=factor, steps_to_base_final=need, speedup_per_seed=per_seed,
                          speedup_seed_mean=sm, speedup_seed_std=ss,
                          not_reached_seeds=sum(1 for x in per_seed if x is None)))
@@ -481,12 +487,15 @@ def summarize(out, specs, seeds):
         json.dump(summary, f, indent=1)
     fmt = lambda x, d=2: "—" if x is None else f"{x:.{d}f}"  # noqa: E731
     lines = [f"| strategy | seeds | final {metric} (mean ± std) | speed-up vs {base} (mean curve) | "
-             f"speed-up per seed (mean ± std; not reached) |", "|---|---|---|---|---|"]
+             f"speed-up per seed (mean ± std; not reached) | objective share acc / dec / conv |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         sp = "not reached" if r["speedup_mean_curve"] is None else f"{r['speedup_mean_curve']:.2f}×"
         ps = (f"{fmt(r['speedup_seed_mean'])} ± {fmt(r['speedup_seed_std'])}" if r["speedup_seed_mean"] else "—") + \
              (f"; {r['not_reached_seeds']} not reached" if r["not_reached_seeds"] else "")
-        lines.append(f"| {r['strategy']} | {r['seeds']} | {fmt(r['final_mean'])} ± {fmt(r['final_std'])} | {sp} | {ps} |")
+        sh = " / ".join(f"{x:.2f}" for x in r["area_shares"].values())
+        lines.append(f"| {r['strategy']} | {r['seeds']} | {fmt(r['final_mean'])} ± {fmt(r['final_std'])} | {sp} | {ps} "
+                     f"| {sh} |")
     table = "\n".join(lines)
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(table + "\n")
