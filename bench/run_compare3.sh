@@ -6,7 +6,8 @@
 # checkpoints; calling it again continues every run (--resume), so a 10-minute limit per command is
 # no obstacle. Evaluation every 500 steps: 2,000 DDIM-20 samples with the same noise for every run.
 #   BUDGET=480 bash bench/run_compare3.sh runs/compare3      # repeat to train longer
-# The committed results (bench/results/compare3): BUDGET=455, then BUDGET=470, on one H200.
+# The committed results (bench/results/compare3): BUDGET=455, then BUDGET=470, on one H200. The
+# other strategies and second seeds in that folder come from bench/run_compare4.sh (same settings).
 set -u
 root=../shared; [ -d shared/data ] && root=shared      # on the device machine shared/ is carried in
 OUTDIR=${1:-runs/compare3}

@@ -7,6 +7,9 @@
 # for BUDGET seconds and checkpoints; calling it again continues every run (--resume) up to 9,000 steps.
 #   GPUS="0 1 2 3" BUDGET=480 bash bench/run_compare4.sh runs/compare3
 #   python train_tiny.py --compare uniform,speed,... --seeds 0,1 --summarize --out <folder with all runs>
+# The committed runs (bench/results/compare3, next to run_compare3.sh's): bench/run_h100x4.sh (GPUs 2 and
+# 3, BUDGET=470; the service gave a 4 x H200 host), then GPUS="0 1 2 3" BUDGET=400 on the same machine,
+# which finished every run at 9,000 steps; the summary was rebuilt here from all 16 runs.
 set -u
 root=../shared; [ -d shared/data ] && root=shared      # on the device machine shared/ is carried in
 OUTDIR=${1:-runs/compare3}

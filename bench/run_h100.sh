@@ -5,6 +5,8 @@
 #   2. bench_train.py with CUDA graphs (reduce-overhead) for the small and ddpm UNets, eager alongside
 #      (tiny's graph rate on an H100 is in bench/results/step_variants.json).
 #   bash bench/run_h100.sh        (writes logs and results under $OUT, or out/ without it)
+# The committed call hit the 10-minute limit during ddpm; ddpm's line in bench_train_graphs.json is the
+# same bench_train.py command with --sizes ddpm --compile ddpm, alone, in a second call on an H100.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT" runs
 export PYTHONUNBUFFERED=1
