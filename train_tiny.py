@@ -1,6 +1,6 @@
 """train_tiny.py: the quick CIFAR-10 check for SpeeD, and the side-by-side strategy comparison.
 
-    python train_tiny.py                                   # SpeeD, ~6 min on one H100, prints FID/FD
+    python train_tiny.py                                   # SpeeD, 6 min on one H100, prints FID/FD
     python train_tiny.py --data ../shared/data/cifar10-train-jpeg75.zip --fid-model ../shared/metrics/cifar10-fdnet.pt
     python train_tiny.py --preset t4                       # a Colab T4 budget (fp16)
     python train_tiny.py --preset cpu                      # seconds-long smoke run on the CPU
@@ -38,8 +38,8 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 # Budgets, sized from measured rates (bench/results/step_variants.json, H100): with CUDA graphs
 # (compile="reduce-overhead") the tiny UNet trains at 42 steps/s at batch 128 (eager: 13 steps/s,
-# host-bound), compilation takes about 80 s, and DDIM-25 samples about 1,000 img/s. h100: about
-# 6 minutes on one H100 including evaluation (estimated from those parts, not timed end to end);
+# host-bound), compilation takes about 80 s, and DDIM-25 samples about 1,000 img/s. h100: 365 s
+# on one H100 end to end, data decoding and evaluation included (bench/results/preset_h100);
 # t4: a Colab T4 in about 10 minutes (fp16, eager; not run on a T4); cpu: a seconds-long smoke run.
 PRESETS = {
     "h100": dict(model="tiny", steps=10000, batch_size=128, lr=5e-4, warmup=200, ema_decay=0.999,
