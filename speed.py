@@ -388,7 +388,8 @@ class Strategy:
     def area_shares(self, areas, target="eps"):
         """Share of sum_t P(t) w(t) in each area, a dict summing to 1: how much of the objective a
         strategy gives each area (how often times how strongly), before the losses' own sizes."""
-        _check(isinstance(areas, Areas) and areas.T == self.T, f"areas must be find_areas(...) of a T={self.T} schedule")
+        _check(isinstance(areas, Areas) and areas.T == self.T,
+               f"areas must be find_areas(...) of a T={self.T} schedule")
         pw = self.probs * self.weights(target)
         s = torch.bincount(areas.label(torch.arange(self.T)), weights=pw, minlength=3)
         return dict(zip(AREA_NAMES, (s / s.sum()).tolist()))

@@ -494,8 +494,8 @@ def summarize(out, specs, seeds):
         ps = (f"{fmt(r['speedup_seed_mean'])} ± {fmt(r['speedup_seed_std'])}" if r["speedup_seed_mean"] else "—") + \
              (f"; {r['not_reached_seeds']} not reached" if r["not_reached_seeds"] else "")
         sh = " / ".join(f"{x:.2f}" for x in r["area_shares"].values())
-        lines.append(f"| {r['strategy']} | {r['seeds']} | {fmt(r['final_mean'])} ± {fmt(r['final_std'])} | {sp} | {ps} "
-                     f"| {sh} |")
+        lines.append(f"| {r['strategy']} | {r['seeds']} | {fmt(r['final_mean'])} ± {fmt(r['final_std'])} "
+                     f"| {sp} | {ps} | {sh} |")
     table = "\n".join(lines)
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(table + "\n")
