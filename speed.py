@@ -722,7 +722,8 @@ UNET_SIZES = {
 
 def make_unet(size="tiny", **overrides):
     """A UNet of a named size: tiny (2.4M parameters, 0.84 GFLOP per 32x32 image forward), small
-    (9.6M, 3.2 GFLOP) or ddpm (35.7M, 12.4 GFLOP: the DDPM CIFAR-10 network). Keyword overrides (img_res, img_channels, num_classes, dropout...) win."""
+    (9.6M, 3.2 GFLOP) or ddpm (35.7M, 12.4 GFLOP: the DDPM CIFAR-10 network). Keyword overrides
+    (img_res, img_channels, num_classes, dropout...) win."""
     _check_choice("size", size, tuple(UNET_SIZES))
     return UNet(**{**UNET_SIZES[size], **overrides})
 
@@ -1152,7 +1153,8 @@ def compute_features(net, images, batch_size=500, device=None, progress=False):
 def reference_stats(net, images, cache_path=None, batch_size=500, device=None):
     """(mean, covariance) of a dataset's features, cached in cache_path (keyed by the net and the
     number and a checksum of the images) so it is computed once."""
-    key = f"{net.name}|{len(images)}|{hashlib.sha256(images[:: max(1, len(images) // 64)].cpu().numpy().tobytes()).hexdigest()[:16]}"
+    sample = images[:: max(1, len(images) // 64)].cpu().numpy().tobytes()
+    key = f"{net.name}|{len(images)}|{hashlib.sha256(sample).hexdigest()[:16]}"
     if cache_path and os.path.exists(cache_path):
         cached = torch.load(cache_path, weights_only=True)
         if cached.get("key") == key:
