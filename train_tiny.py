@@ -242,13 +242,12 @@ def load_metric(args, device):
 
 
 def save_grid(images, path, nrow=8):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """uint8 images [N, 3, H, W] -> an RGB PNG grid, nrow images a row (an incomplete last row dropped)."""
     from einops import rearrange
+    from PIL import Image
     n = (len(images) // nrow) * nrow
     grid = rearrange(images[:n].cpu(), "(r c) ch h w -> (r h) (c w) ch", c=nrow)
-    plt.imsave(path, grid.numpy())
+    Image.fromarray(grid.numpy()).save(path, optimize=True)  # RGB: no constant alpha channel to store
 
 
 def plot_losses(history, path, title):
