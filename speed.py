@@ -14,6 +14,7 @@ weighting, 6 strategies (SpeeD and the baselines), 7 loss. Part II, a small test
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -608,7 +609,9 @@ def _default_device():
 @torch.no_grad()
 def ema_update(ema, model, decay):
     """ema <- decay ema + (1 - decay) model for the parameters (decay: float or 0-d tensor); buffers copied."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+    e = list(ema.parameters())
+    diff = torch._foreach_sub([p.detach() for p in model.parameters()], e)
+    torch._foreach_add_(e, torch._foreach_mul(diff, 1.0 - decay))  # e + (1 - decay)(m - e); no host sync
     for be, bm in zip(ema.buffers(), model.buffers()):
         be.copy_(bm)
 
@@ -621,8 +624,9 @@ class Replayer:
     captured in a CUDA graph, and later calls replay it. fn must read and write only tensors that
     outlive it; `generators` are the custom RNGs it draws from."""
 
-    def __init__(self, fn, graph=False, generators=(), warmup=3):
+    def __init__(self, fn, graph=False, generators=(), warmup=3, stream=None):
         self.fn, self.graph, self.generators, self.warmup, self.calls, self.cuda_graph = fn, graph, generators, warmup, 0, None
+        self.stream = stream or (torch.cuda.Stream() if graph else None)
 
     def __call__(self):
         self.calls += 1
@@ -631,16 +635,15 @@ class Replayer:
         elif self.cuda_graph is not None:
             self.cuda_graph.replay()
         elif self.calls <= self.warmup:                   # warm-up (cuDNN autotuning, lazy state)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
                 self.fn()
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.stream)
         else:                                             # capture once, then replay this call
             self.cuda_graph = torch.cuda.CUDAGraph()
             for g in self.generators:
                 self.cuda_graph.register_generator_state(g)
-            with torch.cuda.graph(self.cuda_graph):
+            with torch.cuda.graph(self.cuda_graph, stream=self.stream):
                 self.fn()
             self.cuda_graph.replay()
 
@@ -722,7 +725,7 @@ def _any_rank(flag, device, world):
     return bool(t.item())
 
 def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, warmup=500, grad_clip=1.0,
-          weight_decay=0.0, ema_decay=0.9999, target="eps", labels=None, precision="auto", graph=True, flip=True,
+          weight_decay=0.0, ema_decay=0.9999, target="eps", labels=None, precision="auto", graph=True, compile=False, flip=True,
           seed=0, device=None, log_every=100, callback=None, callback_every=0, ckpt_path=None, ckpt_minutes=5.0,
           resume=True, experiment=None, progress=True):
     """Train `model` (called as model(x_t, t) or model(x_t, t, y=labels)) on uint8 images [N, C, H, W].
@@ -731,7 +734,8 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
     training. With ckpt_path, a checkpoint is written every ckpt_minutes, at a stop, on SIGINT or
     SIGTERM (then result.interrupted) and at the end; resume=True continues it if it is of the same
     experiment (these settings, strategy.config, the model's shapes, the caller's `experiment` dict).
-    graph: one CUDA graph per step on a GPU. Seeds the global RNG (dropout) with `seed`."""
+    graph: one CUDA graph per step on a GPU; compile: torch.compile the network first (fewer, fused
+    kernels inside that graph). Seeds the global RNG (dropout) with `seed`."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     _check(isinstance(model, nn.Module) and len(list(model.parameters())) > 0, "model must be an nn.Module with parameters")
     _check(torch.is_tensor(images) and images.dtype == torch.uint8 and images.ndim == 4, "images must be uint8 [N, C, H, W]")
@@ -747,7 +751,7 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
     _check_choice("target", target, TARGETS)
     device = torch.device(device) if device is not None else _default_device()
     precision = pick_precision(device, precision)
-    graph = graph and device.type == "cuda" and precision != "fp16" and world == 1  # GradScaler syncs; DDP runs eagerly
+    graph = graph and device.type == "cuda" and precision != "fp16"  # fp16's GradScaler syncs with the host
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
     # model, EMA, AdamW (a tensor lr under a graph), RNGs for steps and noise (dropout: global RNG)
@@ -759,7 +763,12 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     gens = [torch.Generator(device=device).manual_seed(seed + 1), torch.Generator(device=device).manual_seed(seed + 2)]
     torch.manual_seed(seed)
-    net = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None) if world > 1 else model
+    net = model
+    side = torch.cuda.Stream(device) if graph else None  # warm-up and capture stream (DDP is built on it too)
+    if world > 1:
+        with torch.cuda.stream(side) if graph else contextlib.nullcontext():
+            net = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None)
+    net = torch.compile(net) if compile else net
 
     # the experiment's identity, and the checkpoint to continue
     experiment = _plain(dict(batch_size=batch_size, seed=seed, lr=lr, warmup=warmup, grad_clip=grad_clip,
@@ -803,7 +812,8 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
         sums.index_add_(0, areas.label(t) + 1, info["mse"])
         counts.index_add_(0, areas.label(t) + 1, torch.ones_like(info["mse"]))
 
-    run_step, result = Replayer(step_fn, graph, gens), TrainResult(model, ema, start, history, extra, strategy, schedule)
+    run_step = Replayer(step_fn, graph, gens, warmup=3 if world == 1 else 11, stream=side)  # DDP: 11 eager steps first
+    result = TrainResult(model, ema, start, history, extra, strategy, schedule)
     bar = tqdm(total=steps, initial=start, disable=not progress or rank > 0, unit="step")
     tick, tick_step, saved_at, epoch = time.perf_counter(), start, time.time(), -1
     model.train()
@@ -893,7 +903,7 @@ def ddim_sample(model, schedule, n, shape=(3, 32, 32), steps=50, eta=0.0, target
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
     table = torch.stack([ab.sqrt(), (1 - ab).sqrt(), ab_prev.sqrt(), (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt(),
                          sigma]).float().to(device)
-    ts, j = ts.to(device), torch.zeros((), dtype=torch.long, device=device)
+    ts, j = ts.to(device), torch.zeros(1, dtype=torch.long, device=device)  # 1-d: indexing with it never syncs
     gdev = generator.device if generator is not None else device
     b = min(batch_size, n)
     start = torch.randn((n, *shape), generator=generator, device=gdev).to(device)

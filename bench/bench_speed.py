@@ -1,0 +1,199 @@
+"""bench/bench_speed.py: training and evaluation throughput on one GPU, side by side in one run.
+
+    python bench/bench_speed.py --inception PATH/inception-fid-fp16.pt --before PATH/speed_before.py
+
+--before is the previous speed.py (`git show 6b09aca:speed.py > speed_before.py`): its train() with
+compile="reduce-overhead" graphs only the network (the state before the whole-step graph). Merges its
+numbers into bench/results/speed.json (keys listed in the README of bench/) and writes a log.
+Random uint8 images stand in for data: throughput does not depend on the pixels.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import speed  # noqa: E402
+
+PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16, datasheet
+FWD_GFLOP = {"tiny": 0.84, "small": 3.2, "ddpm": 12.4}  # per 32x32 image (torch.utils.flop_counter)
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def images(n=16384):
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def train_rate(mod, size, batch, steps, **kw):
+    """img/s over the last half of `steps` training steps of `mod.train` (speed or the previous file)."""
+    torch.manual_seed(0)
+    model = mod.make_unet(size)
+    sch = mod.make_schedule()
+    r = mod.train(model, images(), sch, mod.make_strategy("speed", sch), steps=steps, batch_size=batch,
+                  log_every=steps // 2, progress=False, device="cuda", **kw)
+    torch.cuda.synchronize()
+    return r.history[-1]["img_per_s"]
+
+
+def profile_step(size, batch, compile=True):
+    """GPU kernel time per step vs wall time per step for the graphed step (20 replays)."""
+    torch.manual_seed(0)
+    model = speed.make_unet(size)
+    sch = speed.make_schedule()
+    holder = {}
+
+    def cb(r):
+        holder["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        holder["prof"].__enter__()
+        holder["t0"] = time.perf_counter()
+    speed.train(model, images(), sch, speed.make_strategy("speed", sch), steps=50, batch_size=batch, progress=False, compile=compile,
+                device="cuda", callback=lambda r: cb(r) if r.step == 30 else None, callback_every=1, log_every=1000)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - holder["t0"]) / 20
+    holder["prof"].__exit__(None, None, None)
+    kernels = [e for e in holder["prof"].events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / 20
+    return dict(wall_ms=wall * 1e3, kernel_ms=busy * 1e3, kernels_per_step=len(kernels) / 20)
+
+
+def sample_time(n=10000, steps=250, batch=2500, compile=False):
+    torch.manual_seed(0)
+    model = speed.make_unet("tiny").cuda().eval()
+    model = torch.compile(model) if compile else model
+    sch = speed.make_schedule()
+    g = torch.Generator(device="cuda")
+    speed.ddpm_sample(model, sch, batch, steps=10, batch_size=batch, generator=g.manual_seed(0))  # cuDNN warm-up
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    speed.ddpm_sample(model, sch, n, steps=steps, batch_size=batch, generator=g.manual_seed(0))
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    # the graphed sampler equals the eager one (same code without capture), on a trained-looking model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    kw = dict(steps=25, eta=1.0, batch_size=256, generator=None, precision="fp32")
+    a = speed.ddim_sample(model, sch, 256, graph=True, **{**kw, "generator": g.manual_seed(1)})
+    b = speed.ddim_sample(model, sch, 256, graph=False, **{**kw, "generator": g.manual_seed(1)})
+    return seconds, int((a.int() - b.int()).abs().max())
+
+
+def frechet_time(d=2048, n=10000):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ref = speed.feature_stats(torch.randn(n, d, device="cuda", generator=g))
+    ref = (*ref, speed.sqrt_psd(ref[1]))
+    feats = torch.randn(n, d, device="cuda", generator=g) * 1.1 + 0.1
+    speed.frechet_distance(feats, ref)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fd = speed.frechet_distance(feats, ref)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, fd
+
+
+def inception_rate(path, n=10000):
+    """Inception features per second at several batch sizes (the network is fp16 inside)."""
+    out = {}
+    for name, batch in (("b500", 500), ("b1000", 1000), ("b2500", 2500)):
+        net = torch.jit.load(path, map_location="cuda").eval()
+        x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device="cuda")
+        with torch.no_grad():
+            net(x, return_features=True)
+            net(x, return_features=True)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(n // batch):
+                net(x, return_features=True)
+            torch.cuda.synchronize()
+        out[name] = (n // batch) * batch / (time.perf_counter() - t)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--inception", required=True)
+    p.add_argument("--before", default=None, help="the previous speed.py, for train_img_s_tiny_before")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speed.json"))
+    parts = ("train", "sizes", "profile", "sample", "fd", "inception", "before")
+    p.add_argument("--only", default=",".join(parts), help="comma-separated parts: " + ",".join(parts))
+    args = p.parse_args()
+    torch.backends.cudnn.benchmark = True
+    res = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    res.update(device=torch.cuda.get_device_name(), torch=torch.__version__)
+    raw = res.setdefault("raw", {})
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+    def train_part():  # tiny UNet, batch 128: whole-step graph with and without the compiled network, eager
+        res["train_img_s_tiny"] = train_rate(speed, "tiny", 128, 3000, compile=True)
+        raw["train_img_s_tiny_graph_no_compile"] = train_rate(speed, "tiny", 128, 3000)
+        raw["train_img_s_tiny_eager"] = train_rate(speed, "tiny", 128, 400, graph=False)
+        log(f"tiny: whole-step graph + compiled network {res['train_img_s_tiny']:.0f} img/s, graph alone "
+            f"{raw['train_img_s_tiny_graph_no_compile']:.0f}, eager {raw['train_img_s_tiny_eager']:.0f}")
+
+    def sizes_part():  # the other sizes and larger batches, compiled network in the whole-step graph
+        for size, batch, steps in (("small", 128, 1200), ("ddpm", 128, 600), ("ddpm", 512, 200)):
+            r = train_rate(speed, size, batch, steps, compile=True)
+            raw[f"train_img_s_{size}_b{batch}"] = r
+            raw[f"tflops_{size}_b{batch}"] = 3 * FWD_GFLOP[size] * 1e9 * r / 1e12
+            log(f"{size} batch {batch}: {r:.0f} img/s, {raw[f'tflops_{size}_b{batch}']:.0f} TFLOP/s")
+            save()
+        best = max((k for k in raw if k.startswith("tflops_ddpm")), key=lambda k: raw[k])
+        res.update(ddpm_tflops=raw[best], ddpm_tflops_batch=int(best.rsplit("_b", 1)[1]),
+                   ddpm_peak_fraction=raw[best] * 1e12 / PEAK_BF16, ddpm_tflops_b128=raw["tflops_ddpm_b128"])
+
+    def profile_part():  # kernel time vs wall time per step
+        for size in ("tiny",):
+            for compiled in (True, False):
+                key = f"profile_{size}_b128" + ("_compiled" if compiled else "")
+                raw[key] = profile_step(size, 128, compile=compiled)
+                log(f"{key}: {raw[key]}")
+
+    def sample_part():
+        s, diff = sample_time()
+        res["sample_ddpm250_10k_s"] = s
+        raw["sample_graph_vs_eager_max_abs_diff_uint8"] = diff
+        raw["sample_ddpm250_10k_s_compiled_network"] = sample_time(compile=True)[0]
+        log(f"DDPM-250, 10k samples, tiny UNet: {s:.1f} s (compiled network: "
+            f"{raw['sample_ddpm250_10k_s_compiled_network']:.1f} s); graphed vs eager max |diff| {diff} (uint8 levels)")
+
+    def fd_part():
+        s, fd = frechet_time()
+        res["frechet_2048_gpu_s"] = s
+        log(f"Frechet distance 2048-d on the GPU: {s:.3f} s (FD {fd:.3f})")
+
+    def inception_part():
+        r = inception_rate(args.inception)
+        raw["inception_img_s"] = r
+        res["inception_img_s"] = max(v for v in r.values() if isinstance(v, float))
+        log(f"Inception features: {r}")
+
+    def before_part():  # the previous file: only the network graphed, by torch.compile (minutes of compilation)
+        spec = importlib.util.spec_from_file_location("speed_before", args.before)
+        before = sys.modules["speed_before"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(before)
+        t = time.perf_counter()
+        res["train_img_s_tiny_before"] = train_rate(before, "tiny", 128, 1600, compile="reduce-overhead")
+        log(f"before (network graphed by torch.compile): {res['train_img_s_tiny_before']:.0f} img/s "
+            f"({time.perf_counter() - t:.0f} s with compilation)")
+
+    for name in args.only.split(","):
+        try:
+            locals()[f"{name}_part"]()
+            save()
+        except Exception:  # noqa: BLE001 - record the failure, measure the rest
+            traceback.print_exc()
+
+
+if __name__ == "__main__":
+    main()
