@@ -11,7 +11,6 @@ checks that this file notices.
 Run: python -m pytest -q test_speed.py --durations=10
 """
 
-import copy
 import json
 import math
 import os
@@ -367,10 +366,9 @@ def test_increment_stats_vs_direct_simulation(t):
     assert torch.all((d.var(0) / v - 1).abs() < 5 * math.sqrt(2 / M))
 
 
-@pytest.mark.parametrize("fn", [lambda: speed.increment_stats_mc(speed.make_schedule("linear", 50), torch.zeros(2, 3).long()),
-                                lambda: speed.increment_stats_mc(speed.make_schedule("linear", 50), torch.zeros(5))])
-def test_increment_stats_mc_rejects_bad_x0(fn):
-    raises(fn, "x0")
+@pytest.mark.parametrize("x0", [torch.zeros(2, 3).long(), torch.zeros(5)])
+def test_increment_stats_mc_rejects_bad_x0(x0):
+    raises(lambda: speed.increment_stats_mc(speed.make_schedule("linear", 50), x0), "x0")
 
 
 # ================================================================================================
@@ -434,7 +432,8 @@ def test_dual_step_known_value_and_T_invariance():
     """The official code's dual-sampling m = 1 + first t with d sqrt(1-abar)/d(t/T) < 0.1: 642 for linear
     T = 1000, and m/T the same at T = 4000."""
     ab = np_alpha_bar("linear", 1000)
-    assert speed.dual_step(speed.make_schedule("linear", 1000)) == 1 + int(np.argmax(np.gradient(np.sqrt(1 - ab)) * 1000 < 0.1)) == 642
+    m = 1 + int(np.argmax(np.gradient(np.sqrt(1 - ab)) * 1000 < 0.1))
+    assert speed.dual_step(speed.make_schedule("linear", 1000)) == m == 642
     assert abs(speed.dual_step(speed.make_schedule("linear", 4000)) / 4000 - 0.642) < 1 / 250
 
 
@@ -527,25 +526,22 @@ def test_sampler_frequencies_chi_square(case):
     assert torch.equal(t, s.sample(N_DRAWS, generator=gen(123))[0])
 
 
-@pytest.mark.parametrize("case", list(STRATEGY_CASES) + ["speed_dual"])
+@pytest.mark.parametrize("case", [c for c in STRATEGY_CASES if not c.startswith("logitnormal")])
 def test_frequency_test_has_power_against_off_by_one_samplers(case):
     """The chi-square test above detects a sampler shifted by one step (t -> min(t + 1, T - 1)) and, for
     SpeeD's sampling, step tau given the probability of the steps below it: the expected statistic
-    under each alternative lies > 5 standard deviations above the threshold (miss < 3e-7). Smooth
-    densities (log-normal, logit-normal) barely change under a shift; the shared sampler code is
-    caught through the uniform-start strategies."""
-    name, opts = STRATEGY_CASES.get(case, ("speed", {"dual": True}))
+    under each alternative lies > 5 standard deviations above the threshold (miss < 3e-7). The smooth
+    logit-normal density barely changes under a shift (margin < 0); the shared sampler code is caught
+    through the other strategies."""
+    name, opts = STRATEGY_CASES[case]
     p = ref_probs(name, **opts)
     alternatives = {"shift": shifted_by_one(p)}
-    if name in ("speed", "speedit") and not opts.get("dual"):
+    if name in ("speed", "speedit"):
         tau, k = opts.get("tau", 698), opts.get("k", 5)
         q = np.where(np.arange(1000) <= tau, k, 1.0)
         alternatives["tau gets k"] = q / q.sum()
     for what, q in alternatives.items():
-        margin = chi2_power_margin(p, q, N_DRAWS)
-        if name in ("lognormal", "logitnormal"):
-            continue
-        assert margin > 5, (what, margin)
+        assert chi2_power_margin(p, q, N_DRAWS) > 5, what
 
 
 def test_speed_dual_sampling():
@@ -694,10 +690,11 @@ def test_area_shares_closed_form(name, opts):
 def test_area_shares_order_and_mismatch():
     """P2 and Min-SNR, which down-weight low-noise steps, give convergence more than uniform; SpeeD less."""
     areas = speed.find_areas(LIN)
-    conv = {n: speed.make_strategy(n, LIN).area_shares(areas)["convergence"] for n in ("p2", "min_snr", "uniform", "speed")}
+    conv = {n: speed.make_strategy(n, LIN).area_shares(areas)["convergence"]
+            for n in ("p2", "min_snr", "uniform", "speed")}
     assert conv["p2"] > conv["min_snr"] > conv["uniform"] > conv["speed"]
-    raises(lambda: speed.make_strategy("uniform", LIN).area_shares(speed.find_areas(speed.make_schedule("linear", 100))),
-           "areas")
+    other = speed.find_areas(speed.make_schedule("linear", 100))
+    raises(lambda: speed.make_strategy("uniform", LIN).area_shares(other), "areas")
 
 
 # ---- builders, make_strategy and .config ----------------------------------------------------------
@@ -758,6 +755,13 @@ def test_make_strategy_passes_options_to_the_builder():
 ])
 def test_make_strategy_rejects_bad_options(fn, match):
     raises(fn, match)
+
+
+@pytest.mark.xfail(strict=True, reason="speed.py bug: with tau given, speed_strategy and speedit_strategy never "
+                                       "validate threshold and store the bad value in .config")
+@pytest.mark.parametrize("name", ["speed", "speedit"])
+def test_threshold_is_validated_when_tau_is_given(name):
+    raises(lambda: speed.make_strategy(name, LIN, tau=500, threshold=-1), "threshold")
 
 
 @pytest.mark.parametrize("name", speed.STRATEGIES)
@@ -1023,8 +1027,8 @@ def _hist(r, keys=("step", "loss", "lr", "mse_acceleration", "mse_deceleration",
 def _train_small(seed=1, steps=6, log_every=1, strategy="speed", opts=None, **kw):
     sch = speed.make_schedule("linear", 24)
     torch.manual_seed(0)
-    return speed.train(tiny_unet(dropout=0.2), uint8_images(64, seed=5), sch, speed.make_strategy(strategy, sch, **(opts or {})),
-                       steps=steps, seed=seed, log_every=log_every, **{**TRAIN_KW, **kw})
+    return speed.train(tiny_unet(dropout=0.2), uint8_images(64, seed=5), sch,
+                       speed.make_strategy(strategy, sch, **(opts or {})), steps=steps, seed=seed, log_every=log_every, **{**TRAIN_KW, **kw})
 
 
 def test_train_logged_loss_is_the_mean_over_the_interval():
@@ -1182,6 +1186,24 @@ def test_train_rejects_bad_arguments(kw, match):
     raises(lambda: speed.train(tiny_unet(), uint8_images(64), sch, speed.make_strategy("uniform", sch), **args), match)
 
 
+@pytest.mark.xfail(strict=True, reason="speed.py bug: log_every is not validated; log_every=0 raises "
+                                       "ZeroDivisionError after the first step instead of ValueError")
+def test_train_rejects_log_every_0():
+    sch = speed.make_schedule("linear", 24)
+    raises(lambda: speed.train(tiny_unet(), uint8_images(16), sch, speed.make_strategy("uniform", sch), steps=1,
+                               log_every=0, **TRAIN_KW), "log_every")
+
+
+@pytest.mark.xfail(strict=True, reason="speed.py bug: flip (data augmentation) is not part of the stored "
+                                       "experiment, so a resume with another flip is silently accepted")
+def test_train_resume_refuses_another_flip(tmp_path):
+    sch, ck = speed.make_schedule("linear", 24), str(tmp_path / "ck.pt")
+    speed.train(tiny_unet(), uint8_images(16), sch, speed.make_strategy("uniform", sch), steps=1, ckpt_path=ck,
+                **TRAIN_KW)
+    raises(lambda: speed.train(tiny_unet(), uint8_images(16), sch, speed.make_strategy("uniform", sch), steps=2,
+                               flip=False, ckpt_path=ck, **TRAIN_KW), "flip")
+
+
 # ================================================================================================
 # 10. Samplers
 # ================================================================================================
@@ -1284,7 +1306,8 @@ def test_ddim_batching_does_not_change_the_result_for_eta_0():
     runs = {b: speed.ddim_sample(m, sch, 7, generator=gen(1), batch_size=b, **kw) for b in (2, 3, 7)}
     assert all((runs[b].int() - runs[7].int()).abs().max() <= 1 for b in (2, 3))  # float rounding only
     assert (runs[2] != runs[7]).float().mean() < 0.01
-    oracle = GaussOracle(0.1, 0.09, sch)
+    oracle = GaussOracle(0.1, 0.09, sch)  # exact arithmetic per sample; 27 values per image
+    kw["shape"] = (3, 3, 3)
     exact = {b: speed.ddim_sample(oracle, sch, 7, generator=gen(1), batch_size=b, **kw) for b in (2, 3, 7)}
     assert torch.equal(exact[2], exact[7]) and torch.equal(exact[3], exact[7])
     eta1 = {b: speed.ddim_sample(oracle, sch, 7, generator=gen(1), batch_size=b, eta=1.0, **kw) for b in (3, 7)}
@@ -1354,6 +1377,13 @@ def test_samplers_reject_bad_arguments(fn, match):
     raises(fn, match)
 
 
+@pytest.mark.xfail(strict=True, reason="speed.py bug: ddim_sample does not check labels; a wrong length fails "
+                                       "inside the loop with a RuntimeError about tensor sizes")
+def test_sampler_rejects_labels_of_the_wrong_length():
+    raises(lambda: speed.ddim_sample(GaussOracle(0, 1, _S60), _S60, 4, shape=(1, 2, 2), steps=5,
+                                     labels=torch.tensor([0, 1])), "labels")
+
+
 def test_sampler_with_parameterless_model_and_explicit_device():
     out = speed.ddim_sample(GaussOracle(0.1, 0.09, _S60, params=False), _S60, 2, shape=(1, 2, 2), device="cpu",
                             generator=gen(0))
@@ -1388,7 +1418,8 @@ def test_frechet_diagonal_closed_form_and_all_input_forms():
     A, B = torch.diag(a), torch.diag(b)
     assert speed.frechet_distance((mu1, A), (mu2, B)) == pytest.approx(expected, rel=1e-10)
     assert speed.frechet_distance((mu1, A), (mu2, B, speed.sqrt_psd(B))) == pytest.approx(expected, rel=1e-10)
-    assert speed.frechet_distance((mu2, B, speed.sqrt_psd(B)), (mu1, A, speed.sqrt_psd(A))) == pytest.approx(expected, rel=1e-10)
+    got = speed.frechet_distance((mu2, B, speed.sqrt_psd(B)), (mu1, A, speed.sqrt_psd(A)))
+    assert got == pytest.approx(expected, rel=1e-10)
 
 
 def test_frechet_full_covariance_closed_forms():
@@ -1415,7 +1446,8 @@ def test_frechet_vs_numpy_eigendecomposition():
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(S1) + np.trace(S2) - 2 * tr_sqrt
     t = lambda x: torch.from_numpy(x)  # noqa: E731
     assert speed.frechet_distance((t(mu1), t(S1)), (t(mu2), t(S2))) == pytest.approx(expected, rel=1e-8)
-    assert speed.frechet_distance((t(mu1), t(S1)), (t(mu2), t(S2), speed.sqrt_psd(t(S2)))) == pytest.approx(expected, rel=1e-8)
+    got = speed.frechet_distance((t(mu1), t(S1)), (t(mu2), t(S2), speed.sqrt_psd(t(S2))))
+    assert got == pytest.approx(expected, rel=1e-8)
 
 
 def test_sqrt_psd():
