@@ -1028,7 +1028,8 @@ def _train_small(seed=1, steps=6, log_every=1, strategy="speed", opts=None, **kw
     sch = speed.make_schedule("linear", 24)
     torch.manual_seed(0)
     return speed.train(tiny_unet(dropout=0.2), uint8_images(64, seed=5), sch,
-                       speed.make_strategy(strategy, sch, **(opts or {})), steps=steps, seed=seed, log_every=log_every, **{**TRAIN_KW, **kw})
+                       speed.make_strategy(strategy, sch, **(opts or {})), steps=steps, seed=seed,
+                       log_every=log_every, **{**TRAIN_KW, **kw})
 
 
 def test_train_logged_loss_is_the_mean_over_the_interval():
@@ -1104,6 +1105,9 @@ def test_train_resume_refuses_another_experiment(tmp_path, change, field):
                            **{**TRAIN_KW, "lr": lr, **kw})
 
     run(1)
+    stored = torch.load(ck, weights_only=True)["experiment"]
+    assert stored["strategy"] == speed.make_strategy("speed", speed.make_schedule("linear", 24)).config
+    assert (stored["lr"], stored["seed"], stored["batch_size"], stored["data"]) == (1e-3, 0, 16, "cifar.zip")
     with pytest.raises(ValueError, match=rf"another experiment.*\b{field}\b"):
         run(2, **change)
     assert run(1, resume=False, **change).step == 1
@@ -1132,6 +1136,23 @@ def test_train_callback_true_stops_and_checkpoints(tmp_path):
     ck = str(tmp_path / "ck.pt")
     r = _train_small(steps=10, callback=lambda res: res.step == 4, callback_every=2, ckpt_path=ck)
     assert r.step == 4 and torch.load(ck, weights_only=True)["step"] == 4 and not r.interrupted
+
+
+def test_train_checkpoints_every_ckpt_minutes(tmp_path):
+    """ckpt_minutes=0: a checkpoint after every step (a callback at step k finds step k - 1 on disk);
+    the default 5 minutes: none before the end of a short run."""
+    def seen_by(store, path):
+        def callback(result):
+            store.append(torch.load(path, weights_only=True)["step"] if os.path.exists(path) else None)
+        return callback
+
+    often, rarely = [], []
+    _train_small(steps=4, ckpt_path=str(tmp_path / "a.pt"), ckpt_minutes=0, callback_every=1,
+                 callback=seen_by(often, str(tmp_path / "a.pt")))
+    _train_small(steps=4, ckpt_path=str(tmp_path / "b.pt"), callback_every=1,
+                 callback=seen_by(rarely, str(tmp_path / "b.pt")))
+    assert often == [None, 1, 2, 3] and rarely == [None] * 4
+    assert torch.load(str(tmp_path / "b.pt"), weights_only=True)["step"] == 4
 
 
 def test_train_sigint_stops_after_the_step_and_resumes_to_the_same_weights(tmp_path):
