@@ -1,16 +1,20 @@
-"""Tests for speed.py (SpeeD reference implementation).
+"""The specification of speed.py, section by section (1 schedule ... 11 Frechet distance).
 
-Expected values come from the formulas in METHOD.md, re-derived here independently (numpy / plain
-float64 torch), from known facts about the standard schedules, or from statistical bounds whose
-size is justified by the sample size. Every random draw uses a fixed torch.Generator seed.
+Expected values are derived independently of the implementation: numpy re-derivations of the
+published formulas (DDPM, Ho et al. 2020; improved DDPM, Nichol & Dhariwal 2021; SpeeD, Wang et al.
+2024, arXiv 2405.17403; P2, Choi et al. 2022; Min-SNR, Hang et al. 2023; EDM, Karras et al. 2022;
+SD3, Esser et al. 2024; DDIM, Song et al. 2021; FID, Heusel et al. 2017), hand computations, exact
+denoisers of Gaussian data, and statistical tests whose false-alarm rate and power are computed.
+Every random draw uses a fixed torch.Generator seed. bench/mutations.py breaks speed.py on purpose and
+checks that this file notices.
 
 Run: python -m pytest -q test_speed.py --durations=10
 """
 
-import hashlib
+import json
 import math
 import os
-import urllib.request
+import signal
 
 import numpy as np
 import pytest
@@ -29,21 +33,20 @@ def _one_thread():
     yield
     torch.set_num_threads(before)
 
-# ------------------------------------------------------------------------------------------------
-# helpers (independent re-derivations of METHOD.md formulas, in numpy)
-# ------------------------------------------------------------------------------------------------
 
+# ================================================================================================
+# helpers: independent re-derivations in numpy, and statistics
+# ================================================================================================
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
 def np_betas(kind, T):
-    """METHOD.md / DDPM / improved-DDPM schedules, computed with numpy only."""
+    """DDPM linear (1e-4 .. 0.02 at T = 1000, both ends x 1000/T), improved-DDPM cosine (s = 0.008,
+    clipped at 0.999), quadratic (sqrt(beta) linear between the linear schedule's ends)."""
     if kind == "cosine":
-        s = 0.008
-        t = np.arange(T + 1) / T
-        f = np.cos((t + s) / (1 + s) * np.pi / 2) ** 2
+        f = np.cos((np.arange(T + 1) / T + 0.008) / 1.008 * np.pi / 2) ** 2
         return np.minimum(1 - f[1:] / f[:-1], 0.999)
     lo, hi = 1e-4 * 1000 / T, 0.02 * 1000 / T
     if kind == "linear":
@@ -55,85 +58,172 @@ def np_alpha_bar(kind, T):
     return np.cumprod(1 - np_betas(kind, T))
 
 
-def np_areas(kind, T, eps=0.1):
-    """t_peak = argmax g, tau = first t > t_peak with g_t < eps/T (METHOD.md Sec. 2)."""
-    g = np.gradient(1 - np_alpha_bar(kind, T))
-    t_peak = int(np.argmax(g))
-    after = np.nonzero((np.arange(T) > t_peak) & (g < eps / T))[0]
-    return t_peak, int(after[0]), g
-
-
 def np_snr(kind, T):
     ab = np_alpha_bar(kind, T)
     return ab / (1 - ab)
 
 
-def tv_bound(p, n, dual=False):
-    """Upper bound on the total-variation distance between the empirical frequencies of n draws and
-    p that holds with probability > 1 - 1e-6.
-
-    iid draws: E|c_i - n p_i| <= sqrt(n p_i (1 - p_i)) (Jensen), so E[TV] <= 1/2 sum sqrt(p(1-p)/n);
-    TV changes by at most 1/n when one draw changes, so McDiarmid gives
-    P(TV > E[TV] + e) <= exp(-2 n e^2) (e = 0.004, n = 1e6: exp(-32)).
-    dual: n/2 + 1 independent draws, each moving up to 2 samples (itself and its mirror), so the
-    deviation term is exp(-n e^2); per bin Var <= 2 (n p_i + 1) and the mean is off by at most 2/n.
-    """
-    p = np.asarray(p, dtype=np.float64)
-    e = 0.004 if n >= 10**6 else math.sqrt(math.log(1e6) / (n if dual else 2 * n))
-    if dual:
-        return 0.5 * np.sum(np.sqrt(2 * (n * p + 1)) / n) + 2.0 / n + e
-    return 0.5 * np.sum(np.sqrt(p * (1 - p) / n)) + e
+def np_areas(kind, T, threshold=0.1):
+    """SpeeD Sec. 3.2 as in the official code: g = d(1 - abar)/dt by central differences; t_peak =
+    argmax g; tau = first t > t_peak where the rate per unit of normalised time, T g_t, < threshold."""
+    g = np.gradient(1 - np_alpha_bar(kind, T))
+    t_peak = int(np.argmax(g))
+    after = np.nonzero((np.arange(T) > t_peak) & (g * T < threshold))[0]
+    return t_peak, int(after[0]), g
 
 
-def empirical(t, T):
-    return torch.bincount(t, minlength=T).double().numpy() / len(t)
+def np_speed_probs(T, tau, k):
+    """SpeeD eq. 6: P(t) = k / (T + tau (k - 1)) below tau, 1 / (T + tau (k - 1)) from tau on."""
+    Z = T + tau * (k - 1)
+    return np.where(np.arange(T) < tau, k / Z, 1 / Z)
 
 
-def tv(a, b):
-    return 0.5 * np.abs(np.asarray(a) - np.asarray(b)).sum()
+def np_speed_weights(kind, T, tau, lam):
+    """SpeeD eq. 7: below tau g rescaled into [1 - lam, lam] (min and max over t < tau); 1 from tau."""
+    g = np_areas(kind, T)[2][:tau]
+    return np.concatenate([(1 - lam) + (2 * lam - 1) * (g - g.min()) / (g.max() - g.min()), np.ones(T - tau)])
 
+
+def np_phi(z):
+    return 0.5 * (1 + np.vectorize(math.erf)(np.asarray(z, dtype=np.float64) / math.sqrt(2)))
+
+
+def np_mirror(p, m):
+    """Distribution of |t - m| for t ~ p."""
+    q = np.zeros_like(p)
+    np.add.at(q, np.abs(np.arange(len(p)) - m), p)
+    return q
+
+
+def np_loss_aware_probs(losses_per_t, T, mix):
+    """Improved DDPM Sec. 3.3: P(t) ~ sqrt(E[L_t^2]) over each t's recorded losses, mixed with mix uniform."""
+    r = np.array([math.sqrt(np.mean(np.square(losses_per_t[t]))) for t in range(T)])
+    return (1 - mix) * r / r.sum() + mix / T
+
+
+def ref_probs(name, kind="linear", T=1000, **opts):
+    """P(t) of each strategy from the papers' definitions (SpeeD's dual option: see np_mirror)."""
+    if name in ("uniform", "p2", "min_snr", "loss_aware"):  # loss_aware: uniform until it has history
+        return np.full(T, 1 / T)
+    if name in ("speed", "speedit"):
+        tau = opts.get("tau") or np_areas(kind, T, opts.get("threshold", 0.1))[1]
+        p = np_speed_probs(T, tau, opts.get("k", 5))
+        return (p + np_mirror(p, 642)) / 2 if opts.get("dual") else p
+    if name == "lognormal":   # EDM: ln sigma ~ N(p_mean, p_std^2), moved to the nearest step in ln sigma
+        ab = np_alpha_bar(kind, T)
+        ls = 0.5 * np.log((1 - ab) / ab)
+        z = ((ls[1:] + ls[:-1]) / 2 - opts.get("p_mean", -1.2)) / opts.get("p_std", 1.2)
+        return np.diff(np.concatenate([[0.0], np_phi(z), [1.0]]))
+    if name == "logitnormal":  # SD3: u ~ N(mean, std^2), t = round(sigmoid(u) (T - 1))
+        s = (np.arange(T - 1) + 0.5) / (T - 1)
+        z = (np.log(s / (1 - s)) - opts.get("mean", 0.0)) / opts.get("std", 1.0)
+        return np.diff(np.concatenate([[0.0], np_phi(z), [1.0]]))
+    raise KeyError(name)
+
+
+def ref_weights(name, target="eps", kind="linear", T=1000, **opts):
+    """w(t) of each strategy. P2 and Min-SNR are defined on the eps MSE; for x0 and v targets the same
+    objective needs w_x0 = SNR w_eps and w_v = SNR / (SNR + 1) w_eps (|e_eps|^2 = SNR |e_x0|^2 =
+    SNR / (SNR + 1) |e_v|^2). SpeeD's weights multiply any target's MSE."""
+    snr = np_snr(kind, T)
+    to_target = {"eps": np.ones(T), "x0": snr, "v": snr / (snr + 1)}[target]
+    if name in ("uniform", "lognormal", "logitnormal"):
+        return np.ones(T)
+    if name == "speed":
+        if "lam" in opts and opts["lam"] is None:
+            return np.ones(T)
+        tau = opts.get("tau") or np_areas(kind, T, opts.get("threshold", 0.1))[1]
+        return np_speed_weights(kind, T, tau, opts.get("lam", 0.6))
+    if name == "p2":
+        return to_target / (opts.get("k", 1.0) + snr) ** opts.get("gamma", 1.0)
+    if name == "speedit":
+        return to_target / (opts.get("p2_k", 1.0) + snr) ** opts.get("p2_gamma", 1.0)
+    if name == "min_snr":
+        return to_target * np.minimum(snr, opts.get("gamma", 5.0)) / snr
+    raise KeyError(name)
+
+
+# ---- frequency tests with a computed false-alarm rate and power ---------------------------------
+
+Z_ALARM = 5.0  # one-sided normal quantile of the chi-square threshold: false alarm ~3e-7 per test
+
+
+def chi2_threshold(df, z=Z_ALARM):
+    """Wilson-Hilferty approximation of the chi-square(df) quantile at standard-normal quantile z."""
+    c = 2 / (9 * df)
+    return df * (1 - c + z * math.sqrt(c)) ** 3
+
+
+def pool_bins(p, n, min_expected=20):
+    """Group consecutive bins so that each group expects >= min_expected of n draws (the chi-square
+    approximation needs it): an int array mapping each bin to its group."""
+    group, g, acc = np.zeros(len(p), dtype=np.int64), 0, 0.0
+    for i, pi in enumerate(p):
+        group[i] = g
+        acc += pi * n
+        if acc >= min_expected:
+            g, acc = g + 1, 0.0
+    if acc > 0 and g > 0:           # the last, under-full group joins the previous one
+        group[group == g] = g - 1
+    return group
+
+
+def chi2_stat(t, p, T):
+    """Pearson's statistic of draws t against P(t) = p over pooled bins, and its degrees of freedom."""
+    group = pool_bins(p, len(t))
+    k = group.max() + 1
+    obs = np.bincount(group, weights=np.bincount(t, minlength=T)[:T].astype(np.float64), minlength=k)
+    exp = np.bincount(group, weights=p * len(t), minlength=k)
+    return float(((obs - exp) ** 2 / exp).sum()), k - 1
+
+
+def chi2_power_margin(p, q, n):
+    """How far (in standard deviations) the expected statistic under the alternative q lies above
+    the threshold: non-central chi-square with lambda = n sum (q - p)^2 / p over the pooled bins has
+    mean df + lambda and variance 2 (df + 2 lambda). > 0 means the test detects q (miss < 3e-7 at
+    margin 5)."""
+    group = pool_bins(p, n)
+    k = group.max() + 1
+    pg, qg = np.bincount(group, weights=p, minlength=k), np.bincount(group, weights=q, minlength=k)
+    lam, df = n * float(((qg - pg) ** 2 / pg).sum()), k - 1
+    return (df + lam - chi2_threshold(df)) / math.sqrt(2 * (df + 2 * lam))
+
+
+def shifted_by_one(p):
+    """The distribution of min(t + 1, T - 1): a sampler off by one step."""
+    q = np.concatenate([[0.0], p[:-1]])
+    q[-1] += p[-1]
+    return q
+
+
+# ---- data and models --------------------------------------------------------------------------
 
 def structured_images(n=16, c=3, res=16, seed=0):
-    """Synthetic images in [-1, 1] with spatial structure: gradients, stripes and a checkerboard,
-    randomly inverted per image, plus a little noise."""
+    """Synthetic images in [-1, 1] with spatial structure (gradient, stripes, checkerboard), randomly
+    inverted per image, plus a little noise."""
     g = gen(seed)
     yy, xx = torch.meshgrid(torch.arange(res, dtype=torch.float64), torch.arange(res, dtype=torch.float64),
                             indexing="ij")
-    base = torch.stack([(xx + yy) / (2 * res - 2), torch.sin(xx / 2) * 0.5 + 0.5,
-                        ((xx // 2 + yy // 2) % 2)])[:c]
+    base = torch.stack([(xx + yy) / (2 * res - 2), torch.sin(xx / 2) * 0.5 + 0.5, ((xx // 2 + yy // 2) % 2)])[:c]
     x = base[None].repeat(n, 1, 1, 1)
     flip = torch.rand(n, generator=g, dtype=torch.float64) < 0.5
     x = torch.where(flip.view(-1, 1, 1, 1), 1 - x, x)
     x = x + 0.05 * torch.randn(x.shape, generator=g, dtype=torch.float64)
-    return (x.clamp(0, 1) * 2 - 1)
+    return x.clamp(0, 1) * 2 - 1
 
 
 def uint8_images(n=64, res=8, seed=0):
     return ((structured_images(n, 3, res, seed) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def _count_calls(monkeypatch, module, name):
-    """Wrap module.name so each call appends to the returned list, then runs the real function."""
-    calls, real = [], getattr(module, name)
-
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(module, name, counting)
-    return calls
-
-
 def tiny_unet(**kw):
-    cfg = dict(img_res=8, ch=16, ch_mult=(1, 2), num_blocks=1, attn_res=(4,), dropout=0.0)
-    cfg.update(kw)
-    return speed.UNet(**cfg)
+    return speed.UNet(**{**dict(img_res=8, ch=16, ch_mult=(1, 2), num_blocks=1, attn_res=(4,), dropout=0.0), **kw})
 
 
 @torch.no_grad()
 def perturb_zero_init(model, seed=0, std=0.05):
-    """The UNet zero-initialises its output conv and every residual/attention output projection, so at
-    init the output is 0 and independent of t and y. Give those all-zero weights random values."""
+    """The UNet zero-initialises its output layers, so at init its output is 0 whatever t and y.
+    Give those all-zero weights random values."""
     g = gen(seed)
     for p in model.parameters():
         if p.ndim > 1 and bool((p == 0).all()):
@@ -141,15 +231,19 @@ def perturb_zero_init(model, seed=0, std=0.05):
     return model
 
 
-# ------------------------------------------------------------------------------------------------
-# 1. schedules
-# ------------------------------------------------------------------------------------------------
+def raises(fn, match):
+    with pytest.raises(ValueError, match=match):
+        fn()
 
+
+# ================================================================================================
+# 1. Schedule
+# ================================================================================================
 
 @pytest.mark.parametrize("kind", speed.SCHEDULES)
 @pytest.mark.parametrize("T", [1000, 4000, 50])
-def test_schedule_shapes_dtype_and_values(kind, T):
-    """All three schedules: float64 CPU tensors of length T, equal to the independent formulas."""
+def test_schedule_values_equal_the_published_formulas(kind, T):
+    """float64 CPU tensors of length T equal to the independent formulas; abar strictly decreasing."""
     s = speed.make_schedule(kind, T)
     assert s.T == T
     for name in ("betas", "alphas", "alpha_bar"):
@@ -158,553 +252,531 @@ def test_schedule_shapes_dtype_and_values(kind, T):
     np.testing.assert_allclose(s.betas.numpy(), np_betas(kind, T), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(s.alphas.numpy(), 1 - np_betas(kind, T), rtol=1e-12)
     np.testing.assert_allclose(s.alpha_bar.numpy(), np_alpha_bar(kind, T), rtol=1e-10, atol=1e-300)
-    assert bool((s.alpha_bar[1:] < s.alpha_bar[:-1]).all())  # strictly decreasing
-
-
-def test_linear_schedule_ends_at_T1000():
-    """DDPM: beta from 1e-4 to 0.02 at T = 1000."""
-    s = speed.make_schedule("linear", 1000)
-    assert s.betas[0].item() == pytest.approx(1e-4, rel=1e-12)
-    assert s.betas[-1].item() == pytest.approx(0.02, rel=1e-12)
+    assert bool((s.alpha_bar[1:] < s.alpha_bar[:-1]).all())
 
 
 @pytest.mark.parametrize("kind", ["linear", "quadratic"])
-@pytest.mark.parametrize("T", [4000, 250])
-def test_schedule_ends_scale_with_1000_over_T(kind, T):
-    """For other T both ends are scaled by 1000/T (improved DDPM)."""
+@pytest.mark.parametrize("T", [1000, 4000, 250])
+def test_schedule_ends_are_ddpm_scaled_by_1000_over_T(kind, T):
+    """DDPM: beta from 1e-4 to 0.02 at T = 1000; improved DDPM scales both ends by 1000/T."""
     s = speed.make_schedule(kind, T)
     assert s.betas[0].item() == pytest.approx(1e-4 * 1000 / T, rel=1e-12)
     assert s.betas[-1].item() == pytest.approx(0.02 * 1000 / T, rel=1e-12)
 
 
-def test_cosine_schedule_matches_f_ratio_and_clips():
-    """Cosine: abar_t = f(t+1)/f(0) wherever betas are not clipped; the last beta is clipped at 0.999."""
-    T, s_ = 1000, 0.008
+def test_cosine_schedule_is_the_f_ratio_and_clips_at_0999():
+    """Improved DDPM eq. 17: abar_t = f(t+1)/f(0) wherever betas are not clipped; last beta = 0.999."""
+    T = 1000
     s = speed.make_schedule("cosine", T)
-    f = np.cos((np.arange(T + 1) / T + s_) / (1 + s_) * np.pi / 2) ** 2
+    f = np.cos((np.arange(T + 1) / T + 0.008) / 1.008 * np.pi / 2) ** 2
     np.testing.assert_allclose(s.alpha_bar[:-1].numpy(), (f[1:] / f[0])[:-1], rtol=1e-9)
-    assert s.betas[-1].item() == pytest.approx(0.999)
-    assert s.betas.max().item() <= 0.999
+    assert s.betas[-1].item() == pytest.approx(0.999) and s.betas.max().item() <= 0.999
 
 
-def test_schedule_from_custom_betas():
-    """from_betas: float32/list input becomes float64; alphas = 1 - betas; alpha_bar = cumprod."""
-    raw = torch.tensor([0.1, 0.25, 0.05, 0.5], dtype=torch.float32)
-    s = speed.Schedule.from_betas(raw)
-    assert s.T == 4 and s.betas.dtype == torch.float64 and s.alpha_bar.dtype == torch.float64
-    b = raw.double().numpy()
-    np.testing.assert_allclose(s.alphas.numpy(), 1 - b, rtol=1e-15)
-    expected = [(1 - b[0]), (1 - b[0]) * (1 - b[1]), (1 - b[0]) * (1 - b[1]) * (1 - b[2]),
-                (1 - b[0]) * (1 - b[1]) * (1 - b[2]) * (1 - b[3])]
-    np.testing.assert_allclose(s.alpha_bar.numpy(), expected, rtol=1e-14)
-    s2 = speed.Schedule.from_betas(np.array([0.3, 0.6]))
-    np.testing.assert_allclose(s2.alpha_bar.numpy(), [0.7, 0.7 * 0.4], rtol=1e-14)
-
-
-def test_schedule_from_python_list_keeps_float64_precision():
-    """A Python list of floats is float64 data: it must not pass through float32 on its way to the
-    float64 schedule (0.3 as float32 is 0.30000001)."""
+def test_schedule_from_betas_hand_computed():
+    """from_betas keeps float64 precision from Python floats; alphas = 1 - betas; alpha_bar = cumprod."""
     s = speed.Schedule.from_betas([0.3, 0.6])
-    assert s.betas.dtype == torch.float64
-    np.testing.assert_allclose(s.betas.numpy(), [0.3, 0.6], rtol=1e-14)
+    assert s.betas.dtype == torch.float64 and s.T == 2
+    np.testing.assert_allclose(s.betas.numpy(), [0.3, 0.6], rtol=1e-15)
     np.testing.assert_allclose(s.alpha_bar.numpy(), [0.7, 0.7 * 0.4], rtol=1e-14)
+    b = np.array([0.1, 0.25, 0.05, 0.5], dtype=np.float32).astype(np.float64)
+    s = speed.Schedule.from_betas(torch.tensor([0.1, 0.25, 0.05, 0.5]))
+    np.testing.assert_allclose(s.alphas.numpy(), 1 - b, rtol=1e-15)
+    np.testing.assert_allclose(s.alpha_bar.numpy(), [(1 - b[0]), (1 - b[0]) * (1 - b[1]),
+                                                     (1 - b[0]) * (1 - b[1]) * (1 - b[2]),
+                                                     (1 - b[0]) * (1 - b[1]) * (1 - b[2]) * (1 - b[3])], rtol=1e-14)
 
 
-def test_schedule_snr_sigma_and_coefs():
-    """SNR = abar/(1-abar), sigma = 1/sqrt(SNR); coefs are float32 sqrt(abar), sqrt(1-abar)."""
+def test_schedule_snr_sigma_and_scales():
+    """SNR = abar/(1-abar), sigma = SNR^(-1/2); scales(device) = float32 (sqrt(abar), sqrt(1-abar))."""
     s = speed.make_schedule("linear", 100)
     ab = np_alpha_bar("linear", 100)
     np.testing.assert_allclose(s.snr.numpy(), ab / (1 - ab), rtol=1e-10)
     np.testing.assert_allclose(s.sigma.numpy(), np.sqrt((1 - ab) / ab), rtol=1e-10)
-    a, b = s.coefs("cpu")
-    assert a.dtype == torch.float32 and b.dtype == torch.float32
+    a, b = s.scales("cpu")
+    assert a.dtype == b.dtype == torch.float32
     np.testing.assert_allclose(a.numpy(), np.sqrt(ab), rtol=1e-6)
     np.testing.assert_allclose(b.numpy(), np.sqrt(1 - ab), rtol=1e-6)
 
 
-# ------------------------------------------------------------------------------------------------
-# 2. process increments
-# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fn,match", [
+    (lambda: speed.make_schedule("sigmoid", 1000), "kind.*'linear', 'cosine', 'quadratic'"),
+    (lambda: speed.make_schedule("cosine", 1), r"\bT\b"),
+    (lambda: speed.make_schedule("linear", 0), r"\bT\b"),
+    (lambda: speed.make_schedule("linear", 1000.0), r"\bT\b"),
+    (lambda: speed.make_schedule("linear", 10), r"\bT\b"),          # largest beta 20/T >= 1
+    (lambda: speed.Schedule.from_betas([0.0, 0.1]), "betas"),
+    (lambda: speed.Schedule.from_betas([0.5, 1.0]), "betas"),
+    (lambda: speed.Schedule.from_betas([float("nan"), 0.1]), "betas"),
+    (lambda: speed.Schedule.from_betas([[0.1, 0.2], [0.1, 0.2]]), "betas"),
+    (lambda: speed.Schedule.from_betas([0.1]), "betas"),
+])
+def test_schedule_rejects_bad_arguments(fn, match):
+    raises(fn, match)
 
+
+# ================================================================================================
+# 2. Process increments
+# ================================================================================================
 
 @pytest.mark.parametrize("kind", speed.SCHEDULES)
-def test_increment_stats_closed_form_matches_method_and_general_process(kind):
-    """increment_stats == METHOD.md Sec. 1, and == the general-process formula with s_t = sqrt(abar_t),
-    sigma_t^2 = (1-abar_t)/abar_t: mean (s_{t+1}-s_t), var (s_{t+1}-s_t)^2 sigma_t^2 + s_{t+1}^2 (sigma_{t+1}^2 - sigma_t^2)."""
+def test_increment_stats_closed_form_and_general_process(kind):
+    """SpeeD Sec. 3.1: mean (sqrt(alpha_{t+1}) - 1) sqrt(abar_t), var (1 - sqrt(alpha_{t+1}))^2 (1 - abar_t)
+    + beta_{t+1}; equal to the general process x_t = s_t (x0 + sigma_t eps) with s_t = sqrt(abar_t),
+    sigma_t^2 = (1 - abar_t)/abar_t: mean s_{t+1} - s_t, var (s_{t+1} - s_t)^2 sigma_t^2 +
+    s_{t+1}^2 (sigma_{t+1}^2 - sigma_t^2)."""
     T = 200
     mean_coef, var = speed.increment_stats(speed.make_schedule(kind, T))
-    assert mean_coef.shape == (T - 1,) and var.shape == (T - 1,)
-    assert mean_coef.dtype == torch.float64 and var.dtype == torch.float64
-    b = np_betas(kind, T)
-    ab = np.cumprod(1 - b)
-    sa_next = np.sqrt(1 - b[1:])
-    np.testing.assert_allclose(mean_coef.numpy(), (sa_next - 1) * np.sqrt(ab[:-1]), rtol=1e-10)
-    np.testing.assert_allclose(var.numpy(), (1 - sa_next) ** 2 * (1 - ab[:-1]) + b[1:], rtol=1e-10)
-    s_ = np.sqrt(ab)
-    sig2 = (1 - ab) / ab
-    gen_mean = s_[1:] - s_[:-1]
-    gen_var = (s_[1:] - s_[:-1]) ** 2 * sig2[:-1] + s_[1:] ** 2 * (sig2[1:] - sig2[:-1])
-    np.testing.assert_allclose(mean_coef.numpy(), gen_mean, rtol=1e-8, atol=1e-15)
-    np.testing.assert_allclose(var.numpy(), gen_var, rtol=1e-8)
+    assert mean_coef.shape == var.shape == (T - 1,) and mean_coef.dtype == var.dtype == torch.float64
+    ab = np_alpha_bar(kind, T)
+    s_, sig2 = np.sqrt(ab), (1 - ab) / ab
+    np.testing.assert_allclose(mean_coef.numpy(), s_[1:] - s_[:-1], rtol=1e-8, atol=1e-15)
+    np.testing.assert_allclose(var.numpy(), (s_[1:] - s_[:-1]) ** 2 * sig2[:-1] + s_[1:] ** 2 * (sig2[1:] - sig2[:-1]),
+                               rtol=1e-8)
 
 
-def test_increment_stats_closed_form_agrees_with_monte_carlo_on_images():
-    """increment_stats_mc on 16x3x16x16 structured images (N = 12288 pixels), T = 100 linear.
-
-    Per t, the residual delta_t - c x0 is iid Gaussian over pixels, so the variance estimate has
-    relative s.e. sqrt(2/N) = 1.3%; the slope estimate has s.e. sqrt(var)/sqrt(sum x0^2). We allow
-    5 s.e. for each of the 99 steps (a false failure has probability ~1e-4 overall)."""
+def test_increment_stats_monte_carlo_on_images_agrees():
+    """increment_stats_mc on 16 structured 3x16x16 images (N = 12288 pixels), linear T = 100. Per t the
+    residual is iid Gaussian over pixels: variance s.e. sqrt(2/N) = 1.3%, slope s.e.
+    sqrt(var / sum x0^2); 5 s.e. per step for 99 steps."""
     sch = speed.make_schedule("linear", 100)
     x0 = structured_images(16, 3, 16, seed=1)
     mean_cf, var_cf = speed.increment_stats(sch)
     mean_mc, var_mc = speed.increment_stats_mc(sch, x0, generator=gen(2))
     assert mean_mc.shape == mean_cf.shape and var_mc.shape == var_cf.shape
-    N = x0.numel()
-    se_mean = var_cf.sqrt() / x0.pow(2).sum().sqrt()
-    assert bool(((mean_mc - mean_cf).abs() < 5 * se_mean).all())
+    assert bool(((mean_mc - mean_cf).abs() < 5 * var_cf.sqrt() / x0.pow(2).sum().sqrt()).all())
     rel = (var_mc / var_cf - 1).abs()
-    assert rel.max().item() < 5 * math.sqrt(2 / N)
-    # pooled over all steps the agreement is much tighter (errors are independent across steps)
-    assert rel.mean().item() < 2 * math.sqrt(2 / N)
+    assert rel.max().item() < 5 * math.sqrt(2 / x0.numel())
+    assert rel.mean().item() < 2 * math.sqrt(2 / x0.numel())
 
 
-@pytest.mark.parametrize("t", [0, 219, 500, 998])
-def test_increment_stats_vs_direct_simulation_of_xt_and_xt1(t):
-    """Simulate only x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) e and x_{t+1} = sqrt(alpha_{t+1}) x_t +
-    sqrt(beta_{t+1}) z for M = 200k draws and a fixed x0; per-dimension sample mean and variance of
-    delta_t agree with the closed form within 5 standard errors."""
-    sch = speed.make_schedule("linear", 1000)
-    mean_coef, var = speed.increment_stats(sch)
+@pytest.mark.parametrize("t", [0, 219, 998])
+def test_increment_stats_vs_direct_simulation(t):
+    """x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) e, x_{t+1} = sqrt(alpha_{t+1}) x_t + sqrt(beta_{t+1}) z, 200k
+    draws for a fixed x0: mean and variance of x_{t+1} - x_t within 5 standard errors."""
+    mean_coef, var = speed.increment_stats(speed.make_schedule("linear", 1000))
     b = np_betas("linear", 1000)
     ab = np.cumprod(1 - b)
     x0 = torch.tensor([-1.0, -0.3, 0.4, 1.0], dtype=torch.float64)
     M, g = 200_000, gen(10 + t)
-    e = torch.randn(M, 4, generator=g, dtype=torch.float64)
-    z = torch.randn(M, 4, generator=g, dtype=torch.float64)
-    xt = math.sqrt(ab[t]) * x0 + math.sqrt(1 - ab[t]) * e
-    xt1 = math.sqrt(1 - b[t + 1]) * xt + math.sqrt(b[t + 1]) * z
-    d = xt1 - xt
+    xt = math.sqrt(ab[t]) * x0 + math.sqrt(1 - ab[t]) * torch.randn(M, 4, generator=g, dtype=torch.float64)
+    d = math.sqrt(1 - b[t + 1]) * xt + math.sqrt(b[t + 1]) * torch.randn(M, 4, generator=g, dtype=torch.float64) - xt
     v = var[t].item()
     assert torch.all((d.mean(0) - mean_coef[t] * x0).abs() < 5 * math.sqrt(v / M))
     assert torch.all((d.var(0) / v - 1).abs() < 5 * math.sqrt(2 / M))
 
 
-# ------------------------------------------------------------------------------------------------
-# 3. areas
-# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("x0", [torch.zeros(2, 3).long(), torch.zeros(5)])
+def test_increment_stats_mc_rejects_bad_x0(x0):
+    raises(lambda: speed.increment_stats_mc(speed.make_schedule("linear", 50), x0), "x0")
 
 
-def test_areas_linear_T1000_known_values():
-    """Linear T = 1000: t_peak = 219, tau ~ 700 (paper)."""
+# ================================================================================================
+# 3. Areas
+# ================================================================================================
+
+def test_areas_linear_and_cosine_known_values():
+    """Linear T = 1000: t_peak = 219, tau = 698 (the paper: ~700); cosine: tau ~ 979."""
     a = speed.find_areas(speed.make_schedule("linear", 1000))
-    assert a.t_peak == 219
-    assert 695 <= a.tau <= 705
-    assert a.T == 1000
-
-
-def test_areas_cosine_T1000_known_tau():
-    """Cosine T = 1000: tau ~ 979 (almost no convergence area)."""
-    a = speed.find_areas(speed.make_schedule("cosine", 1000))
-    assert 970 <= a.tau <= 985
-    assert a.t_peak < a.tau
+    assert (a.t_peak, a.tau, a.T) == (219, 698, 1000)
+    c = speed.find_areas(speed.make_schedule("cosine", 1000))
+    assert 970 <= c.tau <= 985 and c.t_peak < c.tau
 
 
 @pytest.mark.parametrize("kind", speed.SCHEDULES)
-@pytest.mark.parametrize("T", [1000, 4000])
-def test_areas_match_independent_numpy(kind, T):
-    """t_peak = argmax of np.gradient(1 - abar), tau = first t after it with g_t < 0.1 / T; g matches."""
-    a = speed.find_areas(speed.make_schedule(kind, T))
-    t_peak, tau, g = np_areas(kind, T)
+@pytest.mark.parametrize("T,threshold", [(1000, 0.1), (4000, 0.1), (1000, 0.3)])
+def test_areas_match_independent_numpy(kind, T, threshold):
+    a = speed.find_areas(speed.make_schedule(kind, T), threshold=threshold)
+    t_peak, tau, g = np_areas(kind, T, threshold)
     assert (a.t_peak, a.tau) == (t_peak, tau)
-    np.testing.assert_allclose(a.g.numpy(), g, rtol=1e-9, atol=1e-18)
+    np.testing.assert_allclose(a.rate.numpy(), g, rtol=1e-9, atol=1e-18)
+    np.testing.assert_allclose(speed.change_rate(speed.make_schedule(kind, T)).numpy(), g, rtol=1e-9, atol=1e-18)
 
 
 @pytest.mark.parametrize("kind", speed.SCHEDULES)
-def test_areas_normalised_boundaries_independent_of_T(kind):
-    """eps is per unit of normalised time, so t_peak/T and tau/T agree at T = 1000 and 4000."""
+def test_area_boundaries_do_not_depend_on_T(kind):
+    """The threshold is per unit of normalised time t/T: t_peak/T and tau/T agree at T = 1000, 4000."""
     a1 = speed.find_areas(speed.make_schedule(kind, 1000))
     a4 = speed.find_areas(speed.make_schedule(kind, 4000))
     assert abs(a1.t_peak / 1000 - a4.t_peak / 4000) < 1 / 250
     assert abs(a1.tau / 1000 - a4.tau / 4000) < 1 / 250
 
 
-@pytest.mark.parametrize("kind", speed.SCHEDULES)
-def test_area_labels_names_and_fractions(kind):
-    """label: 0 below t_peak, 1 on [t_peak, tau), 2 from tau on; fractions are the area sizes / T."""
-    T = 1000
-    a = speed.find_areas(speed.make_schedule(kind, T))
-    assert int(a.label(0)) == 0
-    assert int(a.label(a.t_peak - 1)) == 0 and int(a.label(a.t_peak)) == 1
-    assert int(a.label(a.tau - 1)) == 1 and int(a.label(a.tau)) == 2
-    assert int(a.label(T - 1)) == 2
-    lab = a.label(torch.arange(T))
-    assert lab.tolist() == [0] * a.t_peak + [1] * (a.tau - a.t_peak) + [2] * (T - a.tau)
-    assert a.name(a.t_peak) == "deceleration" and a.name(0) == "acceleration" and a.name(T - 1) == "convergence"
-    fr = a.fractions()
-    assert set(fr) == set(speed.AREA_NAMES)
-    assert sum(fr.values()) == pytest.approx(1.0, abs=1e-12)
-    assert fr["acceleration"] == pytest.approx(a.t_peak / T)
-    assert fr["deceleration"] == pytest.approx((a.tau - a.t_peak) / T)
-    assert fr["convergence"] == pytest.approx((T - a.tau) / T)
+def test_area_labels_names_and_fractions():
+    a = speed.find_areas(speed.make_schedule("linear", 1000))
+    assert a.label(torch.arange(1000)).tolist() == [0] * 219 + [1] * (698 - 219) + [2] * (1000 - 698)
+    assert int(a.label(218)) == 0 and int(a.label(219)) == 1 and int(a.label(697)) == 1 and int(a.label(698)) == 2
+    assert (a.name(0), a.name(219), a.name(999)) == speed.AREA_NAMES
+    assert a.fractions() == pytest.approx(dict(acceleration=0.219, deceleration=0.479, convergence=0.302), abs=1e-12)
+
+
+def test_find_areas_rejects_bad_threshold():
+    for bad in (0, -0.1, float("nan"), "0.1"):
+        raises(lambda: speed.find_areas(speed.make_schedule("linear", 100), threshold=bad), "threshold")
+
+
+# ================================================================================================
+# 4. Asymmetric sampling
+# ================================================================================================
+
+@pytest.mark.parametrize("T,tau,k", [(1000, 698, 5), (1000, 700, 2), (1000, 1, 3.5), (1000, 999, 10), (50, 20, 5),
+                                     (1000, 700, 1)])
+def test_speed_probs_formula(T, tau, k):
+    """SpeeD eq. 6; k = 1 is uniform."""
+    p = speed.speed_probs(T, tau, k)
+    assert p.shape == (T,) and p.dtype == torch.float64
+    np.testing.assert_allclose(p.numpy(), np_speed_probs(T, tau, k), rtol=1e-13)
 
 
 def test_dual_step_known_value_and_T_invariance():
-    """Dual-sampling m = 642 for linear T = 1000; m/T is the same at T = 4000 (within 1/250)."""
-    assert speed.dual_step(speed.make_schedule("linear", 1000)) == 642
-    m4 = speed.dual_step(speed.make_schedule("linear", 4000))
-    assert abs(m4 / 4000 - 0.642) < 1 / 250
+    """The official code's dual-sampling m = 1 + first t with d sqrt(1-abar)/d(t/T) < 0.1: 642 for linear
+    T = 1000, and m/T the same at T = 4000."""
+    ab = np_alpha_bar("linear", 1000)
+    m = 1 + int(np.argmax(np.gradient(np.sqrt(1 - ab)) * 1000 < 0.1))
+    assert speed.dual_step(speed.make_schedule("linear", 1000)) == m == 642
+    assert abs(speed.dual_step(speed.make_schedule("linear", 4000)) / 4000 - 0.642) < 1 / 250
 
 
-# ------------------------------------------------------------------------------------------------
-# 4. asymmetric sampling probabilities
-# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fn,match", [
+    (lambda: speed.speed_probs(1000, 700, k=0.5), r"\bk\b"),
+    (lambda: speed.speed_probs(1000, 700, k=float("inf")), r"\bk\b"),
+    (lambda: speed.speed_probs(1000, 0), "tau"),
+    (lambda: speed.speed_probs(1000, 1000), "tau"),
+    (lambda: speed.speed_probs(1000, 700.5), "tau"),
+    (lambda: speed.speed_probs(1, 1), r"\bT\b"),
+])
+def test_speed_probs_rejects_bad_arguments(fn, match):
+    raises(fn, match)
 
 
-@pytest.mark.parametrize("T,tau,k", [(1000, 700, 5), (1000, 700, 2), (1000, 1, 3.5), (1000, 999, 10), (50, 20, 5)])
-def test_speed_probs_formula(T, tau, k):
-    """P(t) = k/(T + tau(k-1)) for t < tau, 1/(T + tau(k-1)) for t >= tau; sums to 1; float64."""
-    p = speed.speed_probs(T, tau, k)
-    assert p.shape == (T,) and p.dtype == torch.float64
-    Z = T + tau * (k - 1)
-    expected = np.where(np.arange(T) < tau, k / Z, 1 / Z)
-    np.testing.assert_allclose(p.numpy(), expected, rtol=1e-13)
-    assert p.sum().item() == pytest.approx(1.0, abs=1e-12)
-    # ratio below/above tau is k
-    assert (p[tau - 1] / p[tau]).item() == pytest.approx(k)
+# ================================================================================================
+# 5. Change-aware weighting
+# ================================================================================================
+
+@pytest.mark.parametrize("kind", speed.SCHEDULES)
+@pytest.mark.parametrize("lam", [0.5, 0.6, 1.0])
+def test_speed_weights_formula(kind, lam):
+    """Below tau g rescaled into [1 - lam, lam] with min and max over t < tau (both attained, the max at
+    t_peak); 1 from tau on."""
+    T = 1000
+    sch = speed.make_schedule(kind, T)
+    t_peak, tau, _ = np_areas(kind, T)
+    w = speed.speed_weights(sch, tau, lam)
+    assert w.shape == (T,) and w.dtype == torch.float64
+    np.testing.assert_allclose(w.numpy(), np_speed_weights(kind, T, tau, lam), rtol=1e-9, atol=1e-12)
+    assert w[:tau].min().item() == pytest.approx(1 - lam, abs=1e-12)
+    assert w[:tau].max().item() == pytest.approx(lam, abs=1e-12)
+    assert int(w[:tau].argmax()) == t_peak or lam == 0.5
+    assert bool((w[tau:] == 1).all())
 
 
-def test_speed_probs_k1_is_uniform():
-    p = speed.speed_probs(1000, 700, k=1)
-    np.testing.assert_allclose(p.numpy(), np.full(1000, 1e-3), rtol=1e-13)
+@pytest.mark.parametrize("fn,match", [
+    (lambda: speed.speed_weights(speed.make_schedule("linear", 1000), 700, lam=0.49), "lam"),
+    (lambda: speed.speed_weights(speed.make_schedule("linear", 1000), 700, lam=2), "lam"),
+    (lambda: speed.speed_weights(speed.make_schedule("linear", 1000), 0), "tau"),
+])
+def test_speed_weights_reject_bad_arguments(fn, match):
+    raises(fn, match)
 
 
-def test_speed_strategy_uses_found_tau_and_k():
-    """make_strategy('speed') defaults: tau from find_areas, k = 5, lam = 0.6."""
-    sch = speed.make_schedule("linear", 1000)
-    s = speed.make_strategy("speed", sch)
-    assert s.tau == speed.find_areas(sch).tau and s.k == 5 and s.lam == 0.6
-    Z = 1000 + s.tau * 4
-    np.testing.assert_allclose(s.probs.numpy(), np.where(np.arange(1000) < s.tau, 5 / Z, 1 / Z), rtol=1e-13)
-
-
-# ------------------------------------------------------------------------------------------------
-# 5. every strategy's sampler draws from its .probs
-# ------------------------------------------------------------------------------------------------
+# ================================================================================================
+# 6. Strategies
+# ================================================================================================
 
 N_DRAWS = 1_000_000
+LIN = speed.make_schedule("linear", 1000)
+
+STRATEGY_CASES = {  # id: (name, options)
+    "uniform": ("uniform", {}), "speed": ("speed", {}), "speed_k2_tau500": ("speed", {"k": 2, "tau": 500}),
+    "p2": ("p2", {}), "min_snr": ("min_snr", {}), "lognormal": ("lognormal", {}),
+    "logitnormal": ("logitnormal", {}), "logitnormal_shifted": ("logitnormal", {"mean": 0.5, "std": 0.8}),
+    "speedit": ("speedit", {}), "loss_aware": ("loss_aware", {}),
+}
 
 
-def _loss_aware_warm(sch, seed=0):
-    s = speed.make_strategy("loss_aware", sch)
-    T = sch.T
-    t = torch.arange(T).repeat(s.history)
-    g = gen(seed)
-    losses = (1.0 + 9.0 * (t < T // 3)) * (0.5 + torch.rand(len(t), generator=g, dtype=torch.float64))
+def warm_loss_aware(T=1000, history=10, seed=0):
+    """A loss-aware strategy whose every t has `history` losses (non-uniform), and those losses per t."""
+    s = speed.make_strategy("loss_aware", speed.make_schedule("linear", T), history=history)
+    t = torch.arange(T).repeat(history)
+    losses = (1.0 + 9.0 * (t < T // 3)) * (0.5 + torch.rand(len(t), generator=gen(seed), dtype=torch.float64))
     s.update(t, losses)
-    return s
+    per_t = [losses[t == i].numpy() for i in range(T)]
+    return s, per_t
 
 
-def _all_strategies(sch):
-    out = [(name, speed.make_strategy(name, sch)) for name in speed.STRATEGIES]
-    out.append(("loss_aware_updated", _loss_aware_warm(sch)))
-    return out
-
-
-@pytest.mark.parametrize("name", list(speed.STRATEGIES) + ["loss_aware_updated"])
-def test_sample_frequencies_match_probs(name):
-    """Empirical frequencies of 1e6 draws are within the TV bound of tv_bound() (about 0.02 for T = 1000)
-    of .probs; returned weights are the strategy's weights at the drawn t; same seed -> same draws."""
-    sch = speed.make_schedule("linear", 1000)
-    s = dict(_all_strategies(sch))[name]
-    p = s.probs
-    assert p.shape == (1000,) and p.dtype == torch.float64
-    assert p.sum().item() == pytest.approx(1.0, abs=1e-10) and bool((p >= 0).all())
+@pytest.mark.parametrize("case", list(STRATEGY_CASES) + ["loss_aware_warm"])
+def test_sampler_frequencies_chi_square(case):
+    """1e6 draws against P(t) from the papers' definitions (not the implementation's probs): Pearson's
+    chi-square over bins pooled to >= 20 expected draws, threshold at the normal quantile 5 (false alarm
+    ~3e-7). The returned weights are w(t) of the drawn steps; .probs is P(t)."""
+    if case == "loss_aware_warm":
+        s, per_t = warm_loss_aware()
+        p = np_loss_aware_probs(per_t, 1000, 1e-3)
+    else:
+        name, opts = STRATEGY_CASES[case]
+        s, p = speed.make_strategy(name, LIN, **opts), ref_probs(name, **opts)
+    np.testing.assert_allclose(s.probs.numpy(), p, rtol=1e-9, atol=1e-15)
     t, w = s.sample(N_DRAWS, generator=gen(123))
-    assert t.dtype == torch.int64 and t.shape == (N_DRAWS,) and w.shape == (N_DRAWS,)
-    assert int(t.min()) >= 0 and int(t.max()) <= 999
-    assert tv(empirical(t, 1000), p.numpy()) < tv_bound(p.numpy(), N_DRAWS)
-    t2, _ = s.sample(N_DRAWS, generator=gen(123))
-    assert torch.equal(t, t2)
-    assert w.dtype == torch.float32
+    assert t.dtype == torch.int64 and t.shape == w.shape == (N_DRAWS,) and w.dtype == torch.float32
+    assert 0 <= int(t.min()) and int(t.max()) <= 999
+    stat, df = chi2_stat(t.numpy(), p, 1000)
+    assert stat < chi2_threshold(df), (stat, df)
+    w_ref = 1 / (1000 * p) if case.startswith("loss_aware") else ref_weights(name, **opts)
+    np.testing.assert_allclose(w.numpy(), w_ref[t.numpy()], rtol=1e-6)
+    assert torch.equal(t, s.sample(N_DRAWS, generator=gen(123))[0])
 
 
-def test_sample_frequencies_speed_dual():
-    """dual=True: t = draws from P followed by |t - m|; the marginal of a large even batch is .probs
-    = (P + mirror(P)) / 2. Also the second half is exactly the mirror of the first."""
-    sch = speed.make_schedule("linear", 1000)
-    s = speed.make_strategy("speed", sch, dual=True)
-    m = speed.dual_step(sch)
-    assert s.dual_m == m == 642
-    base = speed.speed_probs(1000, s.tau, 5).numpy()
-    mirror = np.zeros(1000)
-    np.add.at(mirror, np.abs(np.arange(1000) - m), base)
-    np.testing.assert_allclose(s.probs.numpy(), (base + mirror) / 2, rtol=1e-12, atol=1e-16)
-    n = N_DRAWS
-    t, w = s.sample(n, generator=gen(5))
-    assert t.shape == (n,)
-    half = n // 2 + 1
-    assert torch.equal(t[half:], (t[: n - half] - m).abs())
-    assert tv(empirical(t, 1000), s.probs.numpy()) < tv_bound(s.probs.numpy(), n, dual=True)
-    # odd and tiny n still give n steps
-    for k in (1, 2, 7):
-        assert s.sample(k, generator=gen(0))[0].shape == (k,)
+@pytest.mark.parametrize("case", [c for c in STRATEGY_CASES if not c.startswith("logitnormal")])
+def test_frequency_test_has_power_against_off_by_one_samplers(case):
+    """The chi-square test above detects a sampler shifted by one step (t -> min(t + 1, T - 1)) and, for
+    SpeeD's sampling, step tau given the probability of the steps below it: the expected statistic
+    under each alternative lies > 5 standard deviations above the threshold (miss < 3e-7). The smooth
+    logit-normal density barely changes under a shift (margin < 0); the shared sampler code is caught
+    through the other strategies."""
+    name, opts = STRATEGY_CASES[case]
+    p = ref_probs(name, **opts)
+    alternatives = {"shift": shifted_by_one(p)}
+    if name in ("speed", "speedit"):
+        tau, k = opts.get("tau", 698), opts.get("k", 5)
+        q = np.where(np.arange(1000) <= tau, k, 1.0)
+        alternatives["tau gets k"] = q / q.sum()
+    for what, q in alternatives.items():
+        assert chi2_power_margin(p, q, N_DRAWS) > 5, what
 
 
-def test_lognormal_probs_match_method_definition():
-    """EDM log-normal: ln sigma ~ N(-1.2, 1.2^2), mapped to the nearest discrete step (in ln sigma):
-    simulate that directly and compare with .probs."""
-    sch = speed.make_schedule("linear", 1000)
-    p = speed.make_strategy("lognormal", sch).probs.numpy()
-    ls = np.log(np.sqrt((1 - np_alpha_bar("linear", 1000)) / np_alpha_bar("linear", 1000)))
-    x = (-1.2 + 1.2 * torch.randn(N_DRAWS, generator=gen(7), dtype=torch.float64)).numpy()
-    j = np.clip(np.searchsorted(ls, x), 1, 999)
-    nearest = np.where(np.abs(x - ls[j - 1]) <= np.abs(ls[j] - x), j - 1, j)
-    freq = np.bincount(nearest, minlength=1000) / N_DRAWS
-    assert tv(freq, p) < tv_bound(p, N_DRAWS)
-    # the median of ln sigma is -1.2: half the mass lies on steps whose ln sigma is below -1.2
-    t_med = int(np.searchsorted(ls, -1.2))
-    assert abs(p[:t_med].sum() - 0.5) <= p[t_med - 1] + p[t_med]
+def test_speed_dual_sampling():
+    """Dual sampling (official code): n//2 + 1 draws from P, then |t - m| of each, truncated to n. The
+    first part follows P (chi-square), the rest is exactly the mirror; .probs is the marginal
+    (P + mirror(P)) / 2 of a large even batch."""
+    s = speed.make_strategy("speed", LIN, dual=True)
+    assert s.dual_m == 642
+    p = ref_probs("speed")
+    np.testing.assert_allclose(s.probs.numpy(), (p + np_mirror(p, 642)) / 2, rtol=1e-12, atol=1e-16)
+    t, w = s.sample(N_DRAWS, generator=gen(5))
+    half = N_DRAWS // 2 + 1
+    stat, df = chi2_stat(t[:half].numpy(), p, 1000)
+    assert stat < chi2_threshold(df)
+    assert torch.equal(t[half:], (t[:N_DRAWS - half] - 642).abs())
+    np.testing.assert_allclose(w.numpy(), ref_weights("speed")[t.numpy()], rtol=1e-6)
+    for n in (1, 2, 7):
+        assert s.sample(n, generator=gen(0))[0].shape == (n,)
 
 
-def test_logitnormal_probs_match_method_definition():
-    """SD3 logit-normal: u ~ N(0,1), t = round(sigmoid(u) (T-1)), simulated directly vs .probs."""
+def test_lognormal_and_logitnormal_probs_match_direct_simulation():
+    """The continuous definitions simulated directly: EDM ln sigma ~ N(-1.2, 1.2^2) moved to the nearest
+    step in ln sigma; SD3 t = round(sigmoid(u) (T - 1)), u ~ N(0, 1). Chi-square against .probs."""
     T = 1000
-    p = speed.make_strategy("logitnormal", speed.make_schedule("linear", T)).probs.numpy()
+    ab = np_alpha_bar("linear", T)
+    ls = 0.5 * np.log((1 - ab) / ab)
+    x = (-1.2 + 1.2 * torch.randn(N_DRAWS, generator=gen(7), dtype=torch.float64)).numpy()
+    j = np.clip(np.searchsorted(ls, x), 1, T - 1)
+    nearest = np.where(np.abs(x - ls[j - 1]) <= np.abs(ls[j] - x), j - 1, j)
+    stat, df = chi2_stat(nearest, speed.make_strategy("lognormal", LIN).probs.numpy(), T)
+    assert stat < chi2_threshold(df)
     u = torch.randn(N_DRAWS, generator=gen(8), dtype=torch.float64).numpy()
     t = np.round(1 / (1 + np.exp(-u)) * (T - 1)).astype(np.int64)
-    freq = np.bincount(t, minlength=T) / N_DRAWS
-    assert tv(freq, p) < tv_bound(p, N_DRAWS)
-    # symmetric around the middle
+    p = speed.make_strategy("logitnormal", LIN).probs.numpy()
+    stat, df = chi2_stat(t, p, T)
+    assert stat < chi2_threshold(df)
     np.testing.assert_allclose(p, p[::-1], rtol=1e-9, atol=1e-15)
 
 
-def test_uniform_p2_min_snr_sample_uniformly():
-    """uniform, p2, min_snr: P(t) = 1/T."""
-    sch = speed.make_schedule("linear", 1000)
-    for name in ("uniform", "p2", "min_snr"):
-        np.testing.assert_allclose(speed.make_strategy(name, sch).probs.numpy(), np.full(1000, 1e-3), rtol=1e-12)
-
-
-# ------------------------------------------------------------------------------------------------
-# 6. change-aware weights
-# ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kind", speed.SCHEDULES)
-@pytest.mark.parametrize("lam", [0.6, 0.8, 1.0])
-def test_speed_weights_formula_and_range(kind, lam):
-    """Below tau: g rescaled into [1-lam, lam] (min and max attained); from tau on: 1."""
-    T = 1000
-    sch = speed.make_schedule(kind, T)
-    _, tau, g = np_areas(kind, T)
-    w = speed.speed_weights(sch, tau, lam)
-    assert w.shape == (T,) and w.dtype == torch.float64
-    gb = g[:tau]
-    expected = np.concatenate([(1 - lam) + (2 * lam - 1) * (gb - gb.min()) / (gb.max() - gb.min()),
-                               np.ones(T - tau)])
-    np.testing.assert_allclose(w.numpy(), expected, rtol=1e-9, atol=1e-12)
-    below = w[:tau]
-    assert below.min().item() == pytest.approx(1 - lam, abs=1e-12)
-    assert below.max().item() == pytest.approx(lam, abs=1e-12)
-    assert bool((below >= 1 - lam - 1e-12).all() and (below <= lam + 1e-12).all())
-    assert bool((w[tau:] == 1).all())
-    # the largest weight sits at the peak of the change rate
-    assert int(below.argmax()) == int(np.argmax(g))
-
-
-def test_speed_strategy_weights_and_lam_none():
-    """Strategy weights equal speed_weights for every target; lam=None gives weight 1 everywhere."""
-    sch = speed.make_schedule("linear", 1000)
-    s = speed.make_strategy("speed", sch, tau=700, lam=0.8)
-    for target in speed.TARGETS:
-        assert torch.equal(s.weights(target), speed.speed_weights(sch, 700, 0.8))
-    off = speed.make_strategy("speed", sch, lam=None)
-    for target in speed.TARGETS:
-        assert torch.equal(off.weights(target), torch.ones(1000, dtype=torch.float64))
-    _, w = off.sample(1000, generator=gen(0))
-    assert bool((w == 1).all())
-
-
-# ------------------------------------------------------------------------------------------------
-# 7. Min-SNR and P2 weights per target
-# ------------------------------------------------------------------------------------------------
-
-
-def _expected_weights(name, snr, target, **kw):
-    if name == "min_snr":
-        g = kw.get("gamma", 5.0)
-        m = np.minimum(snr, g)
-        return {"eps": m / snr, "x0": m, "v": m / (snr + 1)}[target]
-    k, gamma = kw.get("k", 1.0), kw.get("gamma", 1.0)
-    w_eps = 1 / (k + snr) ** gamma
-    return w_eps * {"eps": np.ones_like(snr), "x0": snr, "v": snr / (snr + 1)}[target]
-
-
 @pytest.mark.parametrize("target", speed.TARGETS)
-@pytest.mark.parametrize("name,kw", [("min_snr", {}), ("min_snr", {"gamma": 1.0}), ("p2", {}),
-                                     ("p2", {"gamma": 0.5}), ("p2", {"k": 2.0, "gamma": 0.5})])
-def test_min_snr_and_p2_weights(name, kw, target):
-    """Via strategy.weights(target) and via the w returned by sample(..., target=...)."""
-    T = 1000
-    sch = speed.make_schedule("linear", T)
-    snr = np_snr("linear", T)
-    s = speed.make_strategy(name, sch, **kw)
-    expected = _expected_weights(name, snr, target, **kw)
-    np.testing.assert_allclose(s.weights(target).numpy(), expected, rtol=1e-9)
-    t, w = s.sample(4096, generator=gen(1), target=target)
-    np.testing.assert_allclose(w.numpy(), expected[t.numpy()].astype(np.float32), rtol=1e-6)
-    np.testing.assert_allclose(s.weight_of(t, target).numpy(), w.numpy(), rtol=0)
+@pytest.mark.parametrize("name,opts", [("uniform", {}), ("speed", {}), ("speed", {"tau": 60, "lam": 0.8}),
+                                       ("speed", {"lam": None}), ("min_snr", {}), ("min_snr", {"gamma": 1.0}),
+                                       ("p2", {}), ("p2", {"gamma": 0.5}), ("p2", {"k": 2.0, "gamma": 0.5}),
+                                       ("speedit", {}), ("speedit", {"p2_k": 2.0, "p2_gamma": 0.5}),
+                                       ("lognormal", {}), ("logitnormal", {})])
+def test_strategy_weights_per_target(name, opts, target):
+    """weights(target) and weight_of(t, target) against the papers' formulas (see ref_weights)."""
+    s = speed.make_strategy(name, LIN, **opts)
+    expected = ref_weights(name, target, **opts)
+    w = s.weights(target)
+    assert w.shape == (1000,) and w.dtype == torch.float64
+    np.testing.assert_allclose(w.numpy(), expected, rtol=1e-9)
+    t = torch.tensor([0, 1, 218, 219, 697, 698, 699, 999])
+    np.testing.assert_allclose(s.weight_of(t, target).numpy(), expected[t.numpy()], rtol=1e-6)
 
 
-def test_min_snr_is_capped_where_snr_is_large():
-    """Min-SNR eps weight is gamma/SNR (< 1) at low noise and exactly 1 where SNR <= gamma."""
-    sch = speed.make_schedule("linear", 1000)
-    snr = sch.snr
-    w = speed.make_strategy("min_snr", sch).weights("eps")
-    assert bool((w[snr <= 5] == 1).all()) and bool((w[snr > 5] < 1).all())
-    assert int((snr > 5).sum()) > 0 and int((snr <= 5).sum()) > 0
+def test_min_snr_weight_is_one_where_snr_below_gamma():
+    """Min-SNR-5 eps weight: exactly 1 where SNR <= 5, gamma/SNR < 1 where SNR > 5 (low noise)."""
+    snr = LIN.snr
+    w = speed.make_strategy("min_snr", LIN).weights("eps")
+    assert bool((w[snr <= 5] == 1).all()) and bool((w[snr > 5] < 1).all()) and int((snr > 5).sum()) > 0
 
 
-# ------------------------------------------------------------------------------------------------
-# 8. loss-aware importance sampling
-# ------------------------------------------------------------------------------------------------
+def test_speedit_is_speed_sampling_with_p2_weights():
+    """speedit: SpeeD's k:1 asymmetric sampling (tau from the areas) with P2 weighting 1/(1 + SNR)."""
+    s = speed.make_strategy("speedit", LIN)
+    assert s.config == dict(name="speedit", k=5, tau=698, threshold=0.1, p2_k=1.0, p2_gamma=1.0)
+    np.testing.assert_allclose(s.probs.numpy(), np_speed_probs(1000, 698, 5), rtol=1e-12)
+    np.testing.assert_allclose(s.weights("eps").numpy(), 1 / (1 + np_snr("linear", 1000)), rtol=1e-9)
+    s3 = speed.make_strategy("speedit", LIN, k=3, threshold=0.3)
+    tau = np_areas("linear", 1000, 0.3)[1]
+    assert s3.config["tau"] == tau
+    np.testing.assert_allclose(s3.probs.numpy(), np_speed_probs(1000, tau, 3), rtol=1e-12)
 
+
+# ---- loss-aware importance sampling -------------------------------------------------------------
 
 def test_loss_aware_uniform_until_every_t_has_history():
-    """P is uniform (and w = 1) until every t has `history` losses, however unequal the losses are."""
-    sch = speed.make_schedule("linear", 30)
-    s = speed.make_strategy("loss_aware", sch, history=3)
     T = 30
+    s = speed.make_strategy("loss_aware", speed.make_schedule("linear", T), history=3)
     np.testing.assert_allclose(s.probs.numpy(), np.full(T, 1 / T), rtol=1e-12)
-    # every t but the last gets 3 (very unequal) losses: still uniform
     t = torch.arange(T - 1).repeat(3)
-    s.update(t, (t.double() + 1) ** 2)
+    s.update(t, (t.double() + 1) ** 2)                     # every t but the last: still uniform
     np.testing.assert_allclose(s.probs.numpy(), np.full(T, 1 / T), rtol=1e-12)
-    _, w = s.sample(100, generator=gen(0))
-    assert torch.allclose(w, torch.ones(100))
-    # two of three for the last t: still uniform; the third makes it non-uniform
+    assert torch.equal(s.sample(100, generator=gen(0))[1], torch.ones(100))
     s.update(torch.tensor([T - 1, T - 1]), torch.tensor([1.0, 1.0]))
     np.testing.assert_allclose(s.probs.numpy(), np.full(T, 1 / T), rtol=1e-12)
-    s.update(torch.tensor([T - 1]), torch.tensor([1.0]))
-    assert s.probs.max().item() > 2 / T
+    s.update(torch.tensor([T - 1]), torch.tensor([1.0]))  # the last one's third loss: non-uniform
+    per_t = [np.array([(i + 1.0) ** 2] * 3) for i in range(T - 1)] + [np.ones(3)]
+    np.testing.assert_allclose(s.probs.numpy(), np_loss_aware_probs(per_t, T, 1e-3), rtol=1e-9)
 
 
-def test_loss_aware_probs_proportional_to_rms_of_last_losses():
-    """P(t) = (1 - mix) sqrt(mean L^2)/sum + mix/T over the last `history` losses (ring buffer):
-    older losses are forgotten; bigger losses -> higher probability."""
+def test_loss_aware_ring_buffer_keeps_the_last_history_losses():
+    """Older losses are forgotten; a batch holding one t several times fills several slots."""
     T, H, mix = 30, 3, 1e-3
-    sch = speed.make_schedule("linear", T)
-    s = speed.make_strategy("loss_aware", sch, history=H, uniform_mix=mix)
-    # fill with a constant first: will be overwritten completely by the next H rounds
+    s = speed.make_strategy("loss_aware", speed.make_schedule("linear", T), history=H, uniform_mix=mix)
     for _ in range(H):
-        s.update(torch.arange(T), torch.full((T,), 100.0))
-    L = torch.where(torch.arange(T) < 10, 5.0, 0.5).double() * (1 + torch.arange(T) / T)
-    g = gen(3)
-    for _ in range(H):
-        order = torch.randperm(T, generator=g)   # shuffled batches
-        s.update(order, L[order].float())
-    L32 = L.float().double().numpy()
-    r = L32  # constant per t over the window: rms == value
-    expected = (1 - mix) * r / r.sum() + mix / T
-    np.testing.assert_allclose(s.probs.numpy(), expected, rtol=1e-9)
-    assert s.probs[:10].min() > s.probs[10:].max()
-    # one more loss for t = 0 replaces only its oldest slot
-    s.update(torch.tensor([0]), torch.tensor([50.0]))
-    r2 = r.copy()
-    r2[0] = math.sqrt(((H - 1) * L32[0] ** 2 + 50.0 ** 2) / H)
-    np.testing.assert_allclose(s.probs.numpy(), (1 - mix) * r2 / r2.sum() + mix / T, rtol=1e-9)
-
-
-def test_loss_aware_repeated_steps_within_one_batch():
-    """A batch holding the same t several times (<= history) fills several slots of that t."""
-    T, H = 25, 4
-    s = speed.make_strategy("loss_aware", speed.make_schedule("linear", T), history=H, uniform_mix=1e-3)
-    vals = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    t = torch.arange(T).repeat_interleave(H)
-    losses = vals.repeat(T) * (1 + (torch.arange(T) == 7).float().repeat_interleave(H))
-    s.update(t, losses)
-    assert int(s.counts.min()) == H
-    rms = math.sqrt((vals.double() ** 2).mean().item())
-    r = np.full(T, rms)
-    r[7] *= 2
-    np.testing.assert_allclose(s.probs.numpy(), (1 - 1e-3) * r / r.sum() + 1e-3 / T, rtol=1e-6)
+        s.update(torch.arange(T), torch.full((T,), 100.0))   # overwritten by the next H rounds
+    L = (torch.where(torch.arange(T) < 10, 5.0, 0.5) * (1 + torch.arange(T) / T)).float()
+    for r in range(H):
+        order = torch.randperm(T, generator=gen(3 + r))
+        s.update(order, L[order])
+    per_t = [np.full(H, L[i].item()) for i in range(T)]
+    np.testing.assert_allclose(s.probs.numpy(), np_loss_aware_probs(per_t, T, mix), rtol=1e-9)
+    s.update(torch.tensor([0, 0]), torch.tensor([50.0, 60.0]))  # replaces t = 0's two oldest slots
+    per_t[0] = np.array([L[0].item(), 50.0, 60.0])
+    np.testing.assert_allclose(s.probs.numpy(), np_loss_aware_probs(per_t, T, mix), rtol=1e-9)
 
 
 def test_loss_aware_reweighting_is_unbiased():
-    """E_t~P[w(t) L(t)] = mean_t L(t) with w = 1/(T P(t)): exact sum, and a Monte-Carlo check
-    (200k draws, 5 standard errors)."""
-    T = 1000
-    sch = speed.make_schedule("linear", T)
-    s = _loss_aware_warm(sch, seed=4)
-    p = s.probs
-    w_all = s.weight_of(torch.arange(T)).double()
-    np.testing.assert_allclose(w_all.numpy(), 1 / (T * p.numpy()), rtol=1e-6)
-    L = 1 + torch.rand(T, generator=gen(9), dtype=torch.float64) * 10
-    exact = (p * w_all * L).sum().item()
-    assert exact == pytest.approx(L.mean().item(), rel=1e-6)
-    n = 200_000
-    t, w = s.sample(n, generator=gen(10))
+    """w = 1/(T P(t)): E_{t~P}[w(t) L(t)] = mean_t L(t). Monte-Carlo with 200k draws, 5 s.e."""
+    s, per_t = warm_loss_aware(seed=4)
+    p = np_loss_aware_probs(per_t, 1000, 1e-3)
+    assert p.max() > 3 * p.min()   # really non-uniform
+    L = 1 + torch.rand(1000, generator=gen(9), dtype=torch.float64) * 10
+    t, w = s.sample(200_000, generator=gen(10))
+    np.testing.assert_allclose(w.numpy(), 1 / (1000 * p[t.numpy()]), rtol=1e-6)
     vals = w.double() * L[t]
-    se = vals.std().item() / math.sqrt(n)
-    assert abs(vals.mean().item() - L.mean().item()) < 5 * se
-    # and the sampling is really non-uniform (otherwise the check above would be trivial)
-    assert p.max().item() > 3 * p.min().item()
+    assert abs(vals.mean().item() - L.mean().item()) < 5 * vals.std().item() / math.sqrt(len(vals))
+    for target in speed.TARGETS:
+        np.testing.assert_allclose(s.weights(target).numpy(), 1 / (1000 * p), rtol=1e-9)
 
 
 def test_loss_aware_state_dict_roundtrip():
-    sch = speed.make_schedule("linear", 40)
-    s = _loss_aware_warm(sch)
-    s2 = speed.make_strategy("loss_aware", sch)
+    s, _ = warm_loss_aware(T=1000)
+    s2 = speed.make_strategy("loss_aware", LIN)
     s2.load_state_dict(s.state_dict())
-    assert torch.equal(s.probs, s2.probs)
-    assert not torch.allclose(s2.probs, torch.full((40,), 1 / 40, dtype=torch.float64))
+    assert torch.equal(s.probs, s2.probs) and s2.probs.max() > 2 * s2.probs.min()
 
 
-@pytest.mark.parametrize("name", list(speed.STRATEGIES) + ["loss_aware_updated"])
-def test_strategy_weights_agree_with_sampled_weights(name):
-    """For every strategy, weights(target)[t] is the w that sample(..., target) returns with t
-    (the Strategy interface: 'probs and loss weights per target')."""
-    sch = speed.make_schedule("linear", 100)
-    s = dict(_all_strategies(sch))[name]
-    for target in speed.TARGETS:
-        t, w = s.sample(2000, generator=gen(2), target=target)
-        np.testing.assert_allclose(s.weights(target)[t].float().numpy(), w.numpy(), rtol=1e-6)
+# ---- objective shares per area --------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,opts", [("uniform", {}), ("speed", {}), ("speed", {"dual": True}),
+                                       ("speed", {"k": 3, "lam": None}), ("p2", {}), ("min_snr", {}),
+                                       ("lognormal", {}), ("logitnormal", {}), ("speedit", {})])
+def test_area_shares_closed_form(name, opts):
+    """Each area's share of sum_t P(t) w(t), from the independent P and w."""
+    areas = speed.find_areas(LIN)
+    shares = speed.make_strategy(name, LIN, **opts).area_shares(areas)
+    pw = ref_probs(name, **opts) * ref_weights(name, **opts)
+    expected = [pw[:219].sum(), pw[219:698].sum(), pw[698:].sum()] / pw.sum()
+    assert list(shares) == list(speed.AREA_NAMES)
+    np.testing.assert_allclose(list(shares.values()), expected, rtol=1e-9, atol=1e-15)
 
 
-@pytest.mark.parametrize("spec", [("uniform", {}), ("speed", {}), ("speed", {"dual": True}), ("p2", {}),
-                                  ("min_snr", {}), ("lognormal", {}), ("logitnormal", {})])
-def test_area_shares_match_the_sampled_objective(spec):
-    """area_shares = each area's part of sum(w) over many sample() draws (dual: the mirrored draws too)."""
-    sch = speed.make_schedule("linear", 1000)
-    areas, s = speed.find_areas(sch), speed.make_strategy(spec[0], sch, **spec[1])
-    shares = s.area_shares(areas)
-    assert list(shares) == list(speed.AREA_NAMES) and sum(shares.values()) == pytest.approx(1, abs=1e-12)
-    t, w = s.sample(400_000, generator=gen(5))
-    per_area = torch.bincount(areas.label(t), weights=w.double(), minlength=3) / w.double().sum()
-    np.testing.assert_allclose(list(shares.values()), per_area.numpy(), atol=0.005)
+def test_area_shares_order_and_mismatch():
+    """P2 and Min-SNR, which down-weight low-noise steps, give convergence more than uniform; SpeeD less."""
+    areas = speed.find_areas(LIN)
+    conv = {n: speed.make_strategy(n, LIN).area_shares(areas)["convergence"]
+            for n in ("p2", "min_snr", "uniform", "speed")}
+    assert conv["p2"] > conv["min_snr"] > conv["uniform"] > conv["speed"]
+    other = speed.find_areas(speed.make_schedule("linear", 100))
+    raises(lambda: speed.make_strategy("uniform", LIN).area_shares(other), "areas")
 
 
-def test_area_shares_closed_forms_and_order():
-    """uniform: the areas' step fractions; SpeeD without weighting: convergence gets (T - tau) of
-    k tau + T - tau; P2 and Min-SNR, which down-weight low-noise steps, give convergence more than
-    uniform does, and SpeeD less; a T mismatch is refused."""
-    sch = speed.make_schedule("linear", 1000)
-    areas = speed.find_areas(sch)
-    uni = speed.make_strategy("uniform", sch).area_shares(areas)
-    assert uni == pytest.approx(areas.fractions(), abs=1e-12)
-    k, tau = 3, areas.tau
-    plain = speed.make_strategy("speed", sch, k=k, lam=None).area_shares(areas)
-    assert plain["convergence"] == pytest.approx((1000 - tau) / (k * tau + 1000 - tau), abs=1e-12)
-    conv = {n: speed.make_strategy(n, sch).area_shares(areas)["convergence"] for n in ("p2", "min_snr", "speed")}
-    assert conv["p2"] > conv["min_snr"] > uni["convergence"] > conv["speed"]
-    with pytest.raises(ValueError, match="areas"):
-        speed.make_strategy("uniform", sch).area_shares(speed.find_areas(speed.make_schedule("linear", 100)))
+# ---- builders, make_strategy and .config ----------------------------------------------------------
+
+PUBLISHED_DEFAULTS = {
+    "uniform": {},
+    "speed": dict(k=5, tau=698, lam=0.6, dual=False, threshold=0.1),   # SpeeD: k = 5, lam = 0.6, tau ~ 700
+    "p2": dict(k=1.0, gamma=1.0),                                      # Choi et al. 2022
+    "min_snr": dict(gamma=5.0),                                        # Hang et al. 2023
+    "lognormal": dict(p_mean=-1.2, p_std=1.2),                         # EDM
+    "logitnormal": dict(mean=0.0, std=1.0),                            # SD3
+    "loss_aware": dict(history=10, uniform_mix=1e-3),                  # improved DDPM
+    "speedit": dict(k=5, tau=698, threshold=0.1, p2_k=1.0, p2_gamma=1.0),
+}
 
 
-# ------------------------------------------------------------------------------------------------
-# 9. diffusion loss
-# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", speed.STRATEGIES)
+def test_make_strategy_defaults_and_config(name):
+    """make_strategy(name) = the builder with its (published) defaults; .config names the strategy and
+    every option, resolved (tau), and survives JSON."""
+    assert set(speed.STRATEGIES) == set(PUBLISHED_DEFAULTS)
+    s = speed.make_strategy(name, LIN)
+    assert s.config == dict(name=name, **PUBLISHED_DEFAULTS[name]) and s.name == name
+    assert json.loads(json.dumps(s.config)) == s.config
+    b = getattr(speed, f"{name}_strategy")(LIN)
+    assert b.config == s.config and torch.equal(b.probs, s.probs) and torch.equal(b.weights(), s.weights())
 
+
+def test_make_strategy_passes_options_to_the_builder():
+    s = speed.make_strategy("speed", LIN, k=2, tau=500, lam=None, dual=True)
+    assert s.config == dict(name="speed", k=2, tau=500, lam=None, dual=True, threshold=0.1)
+    np.testing.assert_allclose(s.probs.numpy(), ref_probs("speed", k=2, tau=500, dual=True), rtol=1e-12, atol=1e-16)
+    assert speed.make_strategy("speed", LIN, threshold=0.3).config["tau"] == np_areas("linear", 1000, 0.3)[1]
+    assert speed.make_strategy("min_snr", LIN, gamma=1.0).config == dict(name="min_snr", gamma=1.0)
+
+
+@pytest.mark.parametrize("fn,match", [
+    (lambda: speed.make_strategy("edm", LIN), "name.*" + ", ".join(repr(n) for n in speed.STRATEGIES)),
+    (lambda: speed.make_strategy("uniform", LIN, k=2), r"unknown option.*'k'.*uniform"),
+    (lambda: speed.make_strategy("speed", LIN, eps=0.1), r"unknown option.*'eps'.*valid.*'threshold'"),
+    (lambda: speed.make_strategy("speed", "linear"), "schedule"),
+    (lambda: speed.make_strategy("speed", LIN, k=0), r"\bk\b"),
+    (lambda: speed.make_strategy("speed", LIN, k=float("inf")), r"\bk\b"),
+    (lambda: speed.make_strategy("speedit", LIN, k=float("inf")), r"\bk\b"),
+    (lambda: speed.make_strategy("speed", LIN, lam=2), "lam"),
+    (lambda: speed.make_strategy("speed", LIN, lam=5), "lam"),         # the official code's class default
+    (lambda: speed.make_strategy("speed", LIN, dual="no"), "dual"),
+    (lambda: speed.make_strategy("speed", LIN, dual=1), "dual"),
+    (lambda: speed.make_strategy("speed", LIN, tau=1000), "tau"),
+    (lambda: speed.make_strategy("p2", LIN, k=0.0), r"\bk\b"),
+    (lambda: speed.make_strategy("p2", LIN, gamma=-1.0), "gamma"),
+    (lambda: speed.make_strategy("speedit", LIN, p2_k=0.0), r"\bk\b"),
+    (lambda: speed.make_strategy("min_snr", LIN, gamma=0), "gamma"),
+    (lambda: speed.make_strategy("lognormal", LIN, p_std=0), "p_std"),
+    (lambda: speed.make_strategy("logitnormal", LIN, std=-1), "std"),
+    (lambda: speed.make_strategy("loss_aware", LIN, history=0), "history"),
+    (lambda: speed.make_strategy("loss_aware", LIN, uniform_mix=0), "uniform_mix"),
+])
+def test_make_strategy_rejects_bad_options(fn, match):
+    raises(fn, match)
+
+
+@pytest.mark.xfail(strict=True, reason="speed.py bug: with tau given, speed_strategy and speedit_strategy never "
+                                       "validate threshold and store the bad value in .config")
+@pytest.mark.parametrize("name", ["speed", "speedit"])
+def test_threshold_is_validated_when_tau_is_given(name):
+    raises(lambda: speed.make_strategy(name, LIN, tau=500, threshold=-1), "threshold")
+
+
+@pytest.mark.parametrize("name", speed.STRATEGIES)
+def test_every_strategy_validates_target_and_n(name):
+    s = speed.make_strategy(name, speed.make_schedule("linear", 50))
+    for fn in (lambda: s.sample(4, target="score"), lambda: s.weights("score"),
+               lambda: s.weight_of(torch.tensor([1, 2]), target="score")):
+        raises(fn, "target.*'eps', 'x0', 'v'")
+    for n in (0, -3, 2.0):
+        raises(lambda: s.sample(n), r"\bn\b")
+
+
+# ================================================================================================
+# 7. Loss
+# ================================================================================================
 
 class ScaleModel(nn.Module):
     """out = a * x with a learnable scalar a."""
@@ -717,431 +789,578 @@ class ScaleModel(nn.Module):
         return self.a * x
 
 
-@pytest.mark.parametrize("target", speed.TARGETS)
-@pytest.mark.parametrize("strategy_name,kw", [("speed", {"tau": 60, "k": 3, "lam": 0.8}), ("min_snr", {}), ("p2", {})])
-def test_diffusion_loss_equals_hand_computation(target, strategy_name, kw):
-    """loss = mean_i w(t_i) mean_j (a x_t - goal)^2 and dloss/da computed by hand in float64."""
-    T = 100
-    sch = speed.make_schedule("linear", T)
-    strat = speed.make_strategy(strategy_name, sch, **kw)
-    g = gen(0)
-    x0 = torch.rand(5, 2, 3, 3, generator=g) * 2 - 1
-    noise = torch.randn(5, 2, 3, 3, generator=g)
-    t = torch.tensor([0, 13, 59, 60, 99])
-    model = ScaleModel(0.7)
-    loss, info = speed.diffusion_loss(model, x0, sch, strat, target, t=t, noise=noise)
-    loss.backward()
-
+def hand_loss(t, w, x0, noise, target, T=100, a=0.7):
+    """(loss, dloss/da, per-sample mse) of out = a x_t in float64 (SpeeD eq. 8; v = sqrt(abar) eps -
+    sqrt(1 - abar) x0, Salimans & Ho 2022)."""
     ab = torch.from_numpy(np_alpha_bar("linear", T))[t].view(-1, 1, 1, 1)
-    X0, E = x0.double(), noise.double()
+    X0, E, w = x0.double(), noise.double(), torch.as_tensor(w, dtype=torch.float64)
     xt = ab.sqrt() * X0 + (1 - ab).sqrt() * E
     goal = {"eps": E, "x0": X0, "v": ab.sqrt() * E - (1 - ab).sqrt() * X0}[target]
-    w = torch.from_numpy(np.asarray(_expected_weights(strategy_name, np_snr("linear", T), target, **kw)
-                                    if strategy_name != "speed" else strat.weights(target).numpy()))[t]
-    err = 0.7 * xt - goal
+    err = a * xt - goal
     mse = (err ** 2).flatten(1).mean(1)
-    expected_loss = (w * mse).mean()
-    expected_grad = (w * (2 * err * xt).flatten(1).mean(1)).mean()
-    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
-    assert model.a.grad.item() == pytest.approx(expected_grad.item(), rel=1e-4, abs=1e-7)
-    assert set(info) >= {"t", "mse", "w"}
-    assert torch.equal(info["t"], t)
+    return (w * mse).mean().item(), (w * (2 * err * xt).flatten(1).mean(1)).mean().item(), mse
+
+
+@pytest.mark.parametrize("target", speed.TARGETS)
+@pytest.mark.parametrize("name,opts", [("speed", {"tau": 60, "k": 3, "lam": 0.8}), ("min_snr", {}), ("p2", {}),
+                                       ("speedit", {"tau": 60})])
+def test_diffusion_loss_equals_hand_computation(target, name, opts):
+    """Given t (and no w), w = the strategy's weights at t; loss and gradient computed by hand."""
+    T = 100
+    sch = speed.make_schedule("linear", T)
+    g = gen(0)
+    x0, noise = torch.rand(5, 2, 3, 3, generator=g) * 2 - 1, torch.randn(5, 2, 3, 3, generator=g)
+    t = torch.tensor([0, 13, 59, 60, 99])
+    w = ref_weights(name, target, T=T, **opts)[t.numpy()]
+    assert w.max() > 1.2 * w.min()   # really non-uniform
+    model = ScaleModel(0.7)
+    loss, info = speed.diffusion_loss(model, x0, sch, speed.make_strategy(name, sch, **opts), t=t, noise=noise,
+                                      target=target)
+    loss.backward()
+    want, grad, mse = hand_loss(t, w, x0, noise, target)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert model.a.grad.item() == pytest.approx(grad, rel=1e-4, abs=1e-7)
+    assert torch.equal(info["t"], t) and not info["mse"].requires_grad
     np.testing.assert_allclose(info["mse"].numpy(), mse.numpy(), rtol=1e-5)
-    np.testing.assert_allclose(info["w"].numpy(), w.numpy(), rtol=1e-6)
-    assert not info["mse"].requires_grad
-    # the weights are really non-uniform here
-    assert w.max() > 1.2 * w.min()
+    np.testing.assert_allclose(info["w"].numpy(), w, rtol=1e-6)
 
 
-def test_diffusion_loss_grads_flow_to_conv_model_and_sampling_is_seeded():
-    """A 1x1-conv model gets gradients on all parameters; with t=None the steps and noise come from
-    the generator (same seed -> same loss), and info['w'] = strategy weights at info['t']."""
+def test_diffusion_loss_uses_t_and_w_as_given():
+    """Given t and w, they are used as given (the strategy's weights are ignored); t without w and
+    without a strategy: w = 1."""
+    sch = speed.make_schedule("linear", 100)
+    g = gen(1)
+    x0, noise = torch.rand(4, 1, 2, 2, generator=g) * 2 - 1, torch.randn(4, 1, 2, 2, generator=g)
+    t, w = torch.tensor([3, 50, 70, 99]), torch.tensor([0.5, 2.0, 0.0, 3.0])
+    loss, info = speed.diffusion_loss(ScaleModel(), x0, sch, speed.make_strategy("p2", sch), t=t, w=w, noise=noise)
+    assert loss.item() == pytest.approx(hand_loss(t, w, x0, noise, "eps")[0], rel=1e-5)
+    assert torch.equal(info["w"], w)
+    loss1, info1 = speed.diffusion_loss(ScaleModel(), x0, sch, t=t, noise=noise)
+    assert loss1.item() == pytest.approx(hand_loss(t, np.ones(4), x0, noise, "eps")[0], rel=1e-5)
+
+
+def test_diffusion_loss_draws_t_and_noise_from_the_generator():
+    """Without t the steps come from the strategy: seeded, and w = the strategy's weights at them;
+    gradients reach every parameter; model kwargs are passed through."""
     sch = speed.make_schedule("linear", 100)
     strat = speed.make_strategy("speed", sch, tau=60, lam=0.7)
     conv = nn.Conv2d(3, 3, 1)
-    model = lambda x, t: conv(x)  # noqa: E731
-    x0 = structured_images(8, 3, 8, seed=3).float()
-    loss, info = speed.diffusion_loss(model, x0, sch, strat, "eps", generator=gen(11))
-    loss.backward()
-    assert loss.requires_grad and loss.ndim == 0
-    for p in conv.parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0
-    loss2, info2 = speed.diffusion_loss(model, x0, sch, strat, "eps", generator=gen(11))
-    assert torch.equal(info["t"], info2["t"]) and loss.item() == loss2.item()
-    assert torch.equal(info["w"], strat.weights("eps")[info["t"]].float())
-    t_ref, _ = strat.sample(8, generator=gen(11))
-    assert torch.equal(info["t"], t_ref)
-
-
-def test_diffusion_loss_passes_model_kwargs():
-    sch = speed.make_schedule("linear", 50)
-    strat = speed.make_strategy("uniform", sch)
     seen = {}
 
     def model(x, t, y=None):
         seen["y"] = y
-        return torch.zeros_like(x)
+        return conv(x)
 
-    y = torch.tensor([1, 2])
-    speed.diffusion_loss(model, torch.zeros(2, 1, 2, 2), sch, strat, generator=gen(0), y=y)
-    assert torch.equal(seen["y"], y)
-
-
-# ------------------------------------------------------------------------------------------------
-# 10. input validation
-# ------------------------------------------------------------------------------------------------
-
-_S = speed.make_schedule("linear", 1000)
-_S50 = speed.make_schedule("linear", 50)
-_X = torch.zeros(2, 1, 4, 4)
-_UNI = speed.make_strategy("uniform", _S50)
-_LIN = lambda x, t: x  # noqa: E731
-
-BAD_INPUTS = {
-    # k < 1
-    "k<1 speed_probs": (lambda: speed.speed_probs(1000, 700, k=0.5), r"\bk\b"),
-    "k<1 strategy": (lambda: speed.make_strategy("speed", _S, k=0), r"\bk\b"),
-    "k<=0 p2": (lambda: speed.make_strategy("p2", _S, k=0.0), r"\bk\b"),
-    # lam outside [0.5, 1]
-    "lam<0.5": (lambda: speed.speed_weights(_S, 700, lam=0.49), "lam"),
-    "lam>1": (lambda: speed.speed_weights(_S, 700, lam=1.01), "lam"),
-    "lam=5 (official-code default)": (lambda: speed.make_strategy("speed", _S, lam=5), "lam"),
-    # tau outside [1, T-1]
-    "tau=0 probs": (lambda: speed.speed_probs(1000, 0), "tau"),
-    "tau=T probs": (lambda: speed.speed_probs(1000, 1000), "tau"),
-    "tau=0 weights": (lambda: speed.speed_weights(_S, 0), "tau"),
-    "tau=T strategy": (lambda: speed.make_strategy("speed", _S, tau=1000), "tau"),
-    "tau float": (lambda: speed.speed_probs(1000, 700.5), "tau"),
-    # T < 2
-    "T=1 schedule": (lambda: speed.make_schedule("cosine", 1), r"\bT\b"),
-    "T=0 schedule": (lambda: speed.make_schedule("linear", 0), r"\bT\b"),
-    "T=1 probs": (lambda: speed.speed_probs(1, 1), r"\bT\b"),
-    "T too small for linear": (lambda: speed.make_schedule("linear", 10), r"\bT\b"),
-    # betas
-    "betas with 0": (lambda: speed.Schedule.from_betas([0.0, 0.1]), "betas"),
-    "betas with 1": (lambda: speed.Schedule.from_betas([0.5, 1.0]), "betas"),
-    "betas negative": (lambda: speed.Schedule.from_betas([-0.1, 0.1]), "betas"),
-    "betas nan": (lambda: speed.Schedule.from_betas([float("nan"), 0.1]), "betas"),
-    "betas 2-D": (lambda: speed.Schedule.from_betas([[0.1, 0.2], [0.1, 0.2]]), "betas"),
-    "betas length 1": (lambda: speed.Schedule.from_betas([0.1]), "betas"),
-    "betas integer": (lambda: speed.Schedule.from_betas(torch.tensor([0, 0])), "betas"),
-    # unknown names (the message lists the valid ones)
-    "schedule name": (lambda: speed.make_schedule("sigmoid", 1000), "'linear', 'cosine', 'quadratic'"),
-    "strategy name": (lambda: speed.make_strategy("edm", _S),
-                      ", ".join(repr(n) for n in speed.STRATEGIES)),
-    "target in weights": (lambda: _UNI.weights("score"), "'eps', 'x0', 'v'"),
-    "target in sample": (lambda: _UNI.sample(4, target="score"), "'eps', 'x0', 'v'"),
-    "target in diffusion_loss": (lambda: speed.diffusion_loss(_LIN, _X, _S50, _UNI, "score"), "'eps', 'x0', 'v'"),
-    "unet size": (lambda: speed.make_unet("huge"), "'tiny', 'small', 'ddpm'"),
-    "strategy option": (lambda: speed.make_strategy("uniform", _S, k=2), "option"),
-    # x0
-    "x0 integer": (lambda: speed.diffusion_loss(_LIN, _X.long(), _S50, _UNI), "x0"),
-    "x0 uint8": (lambda: speed.diffusion_loss(_LIN, _X.to(torch.uint8), _S50, _UNI), "x0"),
-    "x0 no batch": (lambda: speed.diffusion_loss(_LIN, torch.zeros(16), _S50, _UNI), "x0"),
-    "x0 mc integer": (lambda: speed.increment_stats_mc(_S50, torch.zeros(2, 3, dtype=torch.long)), "x0"),
-    "x0 mc no batch": (lambda: speed.increment_stats_mc(_S50, torch.zeros(5)), "x0"),
-    # n < 1
-    "n=0 sample": (lambda: _UNI.sample(0), r"\bn\b"),
-    "n<0 sample": (lambda: _UNI.sample(-3), r"\bn\b"),
-    "n float sample": (lambda: _UNI.sample(2.0), r"\bn\b"),
-    "n=0 ddim": (lambda: speed.ddim_sample(tiny_unet(), _S50, 0, shape=(3, 8, 8)), r"\bn\b"),
-    # mismatches
-    "strategy/schedule T": (lambda: speed.diffusion_loss(_LIN, _X, _S, _UNI), r"\bT\b"),
-}
+    x0 = structured_images(8, 3, 8, seed=3).float()
+    loss, info = speed.diffusion_loss(model, x0, sch, strat, generator=gen(11), y=torch.arange(8))
+    loss.backward()
+    assert loss.ndim == 0 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in conv.parameters())
+    assert torch.equal(seen["y"], torch.arange(8))
+    loss2, info2 = speed.diffusion_loss(model, x0, sch, strat, generator=gen(11), y=torch.arange(8))
+    assert torch.equal(info["t"], info2["t"]) and loss.item() == loss2.item()
+    np.testing.assert_allclose(info["w"].numpy(), ref_weights("speed", T=100, tau=60, lam=0.7)[info["t"].numpy()],
+                               rtol=1e-6)
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_inputs_raise_value_error_naming_the_argument(case):
-    fn, pattern = BAD_INPUTS[case]
-    with pytest.raises(ValueError, match=pattern):
-        fn()
+_S50, _X = speed.make_schedule("linear", 50), torch.zeros(2, 1, 4, 4)
+_UNI50 = speed.make_strategy("uniform", _S50)
 
 
-@pytest.mark.parametrize("name", speed.STRATEGIES)
-def test_every_strategy_rejects_unknown_target_and_bad_n(name):
-    """sample(target=...) and weight_of(t, target) validate the target for every strategy, and n >= 1."""
-    s = speed.make_strategy(name, _S50)
-    with pytest.raises(ValueError, match="'eps', 'x0', 'v'"):
-        s.sample(4, target="score")
-    with pytest.raises(ValueError, match="'eps', 'x0', 'v'"):
-        s.weight_of(torch.tensor([1, 2]), target="score")
-    with pytest.raises(ValueError, match=r"\bn\b"):
-        s.sample(0)
+@pytest.mark.parametrize("fn,match", [
+    (lambda: speed.diffusion_loss(ScaleModel(), _X, _S50, _UNI50, t=torch.tensor([0, 50])), r"\bt\b.*\[0, 49\]"),
+    (lambda: speed.diffusion_loss(ScaleModel(), _X, _S50, _UNI50, t=torch.tensor([-1, 0])), r"\bt\b"),
+    (lambda: speed.diffusion_loss(ScaleModel(), _X, _S50, _UNI50, t=torch.tensor([1.0, 2.0])), r"\bt\b.*integer"),
+    (lambda: speed.diffusion_loss(ScaleModel(), _X, _S50, _UNI50, t=torch.tensor([1, 2, 3])), r"\bt\b"),
+    (lambda: speed.diffusion_loss(ScaleModel(), _X, _S50), "strategy"),
+    (lambda: speed.diffusion_loss(ScaleModel(), _X, _S50, _UNI50, target="score"), "target"),
+    (lambda: speed.diffusion_loss(ScaleModel(), _X.long(), _S50, _UNI50), "x0"),
+    (lambda: speed.diffusion_loss(ScaleModel(), torch.zeros(16), _S50, _UNI50), "x0"),
+    (lambda: speed.diffusion_loss(ScaleModel(), _X, LIN, _UNI50), "strategy.*T"),
+])
+def test_diffusion_loss_rejects_bad_arguments(fn, match):
+    raises(fn, match)
 
 
-# ------------------------------------------------------------------------------------------------
-# 11. UNet
-# ------------------------------------------------------------------------------------------------
+# ================================================================================================
+# 8. UNet
+# ================================================================================================
 
-
-def test_ddpm_unet_parameter_count():
-    """The DDPM CIFAR-10 network has 35.7M parameters."""
-    m = speed.make_unet("ddpm")
-    n = sum(p.numel() for p in m.parameters())
-    assert abs(n - 35.7e6) <= 0.1e6
-
-
-@pytest.mark.parametrize("size", list(speed.UNET_SIZES))
-def test_named_unet_forward_shape_and_zero_init(size):
-    """Each named size maps a [1, 3, 32, 32] batch to the same shape (float32); the output conv is
-    zero-initialised so the output at init is exactly 0."""
+@pytest.mark.parametrize("size,params", [("tiny", 2.4e6), ("small", 9.6e6), ("ddpm", 35.7e6)])
+def test_named_unet_sizes(size, params):
+    """Parameter counts as documented (ddpm: DDPM's 35.7M CIFAR-10 network); output shaped like the
+    input and exactly 0 at init (zero-initialised output layers)."""
     torch.manual_seed(0)
     m = speed.make_unet(size).eval()
+    assert abs(sum(p.numel() for p in m.parameters()) - params) <= 0.05e6
+    if size != "tiny":
+        return
     x = torch.randn(1, 3, 32, 32, generator=gen(0))
     with torch.no_grad():
         y = m(x, torch.tensor([10]))
-    assert y.shape == x.shape and y.dtype == torch.float32
-    assert bool((y == 0).all())
+    assert y.shape == x.shape and y.dtype == torch.float32 and bool((y == 0).all())
 
 
-def test_unet_sizes_are_ordered_and_overrides_win():
-    counts = {k: sum(p.numel() for p in speed.make_unet(k).parameters()) for k in ("tiny", "small")}
-    assert counts["tiny"] < counts["small"] < 35.6e6
+def test_unet_config_and_overrides():
     m = speed.make_unet("tiny", img_res=16, img_channels=1, num_classes=4, dropout=0.0)
-    assert m.img_res == 16 and m.img_channels == 1 and m.num_classes == 4
+    assert (m.config["img_res"], m.config["img_channels"], m.config["num_classes"], m.config["ch"]) == (16, 1, 4, 32)
+    assert json.loads(json.dumps(m.config)) == m.config
+    assert sum(p.numel() for p in speed.UNet(**m.config).parameters()) == sum(p.numel() for p in m.parameters())
     with torch.no_grad():
-        y = m(torch.zeros(2, 1, 16, 16), torch.tensor([0, 5]), y=torch.tensor([0, 3]))
-    assert y.shape == (2, 1, 16, 16)
+        assert m(torch.zeros(2, 1, 16, 16), torch.tensor([0, 5]), y=torch.tensor([0, 3])).shape == (2, 1, 16, 16)
+    raises(lambda: speed.make_unet("huge"), "size.*'tiny', 'small', 'ddpm'")
 
 
-@pytest.mark.parametrize("ch,scale_shift,heads", [(16, True, 1), (16, True, 2), (64, False, 1), (16, False, 1)])
-def test_unet_time_conditioning_changes_output(ch, scale_shift, heads):
-    """After perturbing the zero-initialised layers, different t give different outputs, same t the
-    same output, and each sample of a batch is processed independently. Covers both conditioning
-    styles: scale-shift (improved DDPM) and adding the embedding before norm2 (DDPM, scale_shift=False)."""
+@pytest.mark.parametrize("scale_shift,heads", [(True, 1), (True, 2), (False, 1)])
+def test_unet_time_conditioning_and_independent_samples(scale_shift, heads):
+    """Different t give different outputs, the same t the same; each sample of a batch is processed
+    independently. Both conditioning styles: scale-shift (improved DDPM) and DDPM's additive one."""
     torch.manual_seed(0)
-    m = perturb_zero_init(tiny_unet(ch=ch, scale_shift=scale_shift, heads=heads)).eval()
+    m = perturb_zero_init(tiny_unet(scale_shift=scale_shift, heads=heads)).eval()
     x = torch.randn(3, 3, 8, 8, generator=gen(1))
     with torch.no_grad():
-        y0 = m(x, torch.tensor([0, 0, 0]))
-        y1 = m(x, torch.tensor([50, 50, 50]))
-        y0b = m(x, torch.tensor([0, 0, 0]))
+        y0, y1 = m(x, torch.tensor([0, 0, 0])), m(x, torch.tensor([50, 50, 50]))
         parts = torch.cat([m(x[i:i + 1], torch.tensor([7 * i])) for i in range(3)])
         whole = m(x, torch.tensor([0, 7, 14]))
-    assert y0.abs().max() > 0
-    assert (y0 - y1).abs().max() > 1e-3 * y0.abs().max()
-    assert torch.equal(y0, y0b)
+    assert y0.abs().max() > 0 and (y0 - y1).abs().max() > 1e-3 * y0.abs().max()
     torch.testing.assert_close(parts, whole, rtol=1e-4, atol=1e-5)
 
 
-def test_unet_class_conditioning_changes_output():
+def test_unet_class_conditioning():
     torch.manual_seed(0)
     m = perturb_zero_init(tiny_unet(num_classes=5)).eval()
-    x = torch.randn(2, 3, 8, 8, generator=gen(2))
-    t = torch.tensor([20, 20])
+    x, t = torch.randn(2, 3, 8, 8, generator=gen(2)), torch.tensor([20, 20])
     with torch.no_grad():
-        a = m(x, t, y=torch.tensor([0, 0]))
-        b = m(x, t, y=torch.tensor([3, 3]))
+        a, b = m(x, t, y=torch.tensor([0, 0])), m(x, t, y=torch.tensor([3, 3]))
     assert (a - b).abs().max() > 1e-3 * a.abs().max()
-    with pytest.raises(ValueError, match=r"\by\b"):
-        m(x, t)
+    raises(lambda: m(x, t), r"\by\b")
 
 
-# ------------------------------------------------------------------------------------------------
-# 12. training
-# ------------------------------------------------------------------------------------------------
+# ================================================================================================
+# 9. Training
+# ================================================================================================
+
+class Lin(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+        self.b = nn.Parameter(torch.tensor(0.5))
+        self.register_buffer("count", torch.tensor([0.0]))
 
 
-def test_train_lowers_the_loss():
-    """150 steps on 64 structured 3x8x8 images: the last logged loss is well below the first."""
+def test_ema_update_hand_computation():
+    """ema <- decay ema + (1 - decay) model for parameters (decay a float or a 0-d tensor); buffers copied."""
+    ema, model = Lin(), Lin()
+    e_w, e_b = np.array([1.0, -2.0, 3.0]), 0.5
+    for k, decay in enumerate([0.1, torch.tensor(2 / 11), 0.9, 0.0]):
+        with torch.no_grad():
+            model.w.copy_(torch.tensor([k + 1.0, 2.0 * k, -k]))
+            model.b.fill_(3.0 * k)
+            model.count.fill_(k)
+        speed.ema_update(ema, model, decay)
+        d = float(decay)
+        e_w, e_b = d * e_w + (1 - d) * np.array([k + 1.0, 2.0 * k, -k]), d * e_b + (1 - d) * 3.0 * k
+        np.testing.assert_allclose(ema.w.detach().numpy(), e_w, rtol=1e-6)
+        assert ema.b.item() == pytest.approx(e_b, rel=1e-6) and ema.count.item() == k
+
+
+def test_ema_decay_warm_up():
+    """min(ema_decay, (1 + step)/(10 + step)) at 0-based step (the warm-up of TensorFlow's
+    ExponentialMovingAverage with num_updates): 0.1 at the first step."""
+    assert speed.ema_decay_at(0, 0.9999) == pytest.approx(0.1)
+    assert speed.ema_decay_at(1, 0.9999) == pytest.approx(2 / 11)
+    assert speed.ema_decay_at(8, 0.5) == pytest.approx(0.5) and speed.ema_decay_at(7, 0.5) == pytest.approx(8 / 17)
+    assert speed.ema_decay_at(10 ** 6, 0.999) == 0.999
+
+
+TRAIN_KW = dict(batch_size=16, lr=1e-3, warmup=4, device="cpu", progress=False)
+
+
+def record_params(store):
+    def callback(result):
+        store.append([p.detach().clone().double() for p in result.model.parameters()])
+    return callback
+
+
+def test_train_ema_equals_hand_ema_of_the_recorded_parameters():
+    """The EMA after N steps equals an EMA computed by hand from the model's parameters after each
+    step (recorded by a callback), with the warm-up decay min(0.6, (1 + s)/(10 + s)) at step s: warm-up
+    for s <= 12, then 0.6."""
+    sch = speed.make_schedule("linear", 24)
     torch.manual_seed(0)
-    sch = speed.make_schedule("linear", 100)
     model = tiny_unet()
-    r = speed.train(model, uint8_images(64, 8), sch, speed.make_strategy("uniform", sch), steps=150,
-                    batch_size=16, lr=1e-3, warmup=10, log_every=25, device="cpu", progress=False)
-    losses = [h["loss"] for h in r.history]
-    assert len(losses) == 6 and r.step == 150
-    assert [h["step"] for h in r.history] == [25, 50, 75, 100, 125, 150]
-    assert all(math.isfinite(v) for v in losses)
-    assert losses[-1] < 0.5 * losses[0]
-    assert r.model is model and not model.training
-    # the EMA is a separate, frozen copy
-    assert r.ema is not model and not any(p.requires_grad for p in r.ema.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(r.ema.parameters(), model.parameters()))
-
-
-@pytest.mark.parametrize("compile,mode", [(True, None), ("reduce-overhead", "reduce-overhead")])
-def test_train_passes_the_compile_mode_to_torch_compile(monkeypatch, compile, mode):
-    """compile=True is torch.compile's default mode; a mode name (CUDA graphs: "reduce-overhead")
-    reaches torch.compile; the compiled module is what the step calls, the original what is saved."""
+    ema = [p.detach().clone().double() for p in model.parameters()]
     seen = []
+    r = speed.train(model, uint8_images(32), sch, speed.make_strategy("uniform", sch), steps=16, ema_decay=0.6,
+                    callback=record_params(seen), callback_every=1, **{**TRAIN_KW, "lr": 1e-2})
+    assert len(seen) == 16
+    for s, params in enumerate(seen):
+        d = min(0.6, (1 + s) / (10 + s))
+        ema = [d * e + (1 - d) * p for e, p in zip(ema, params)]
+    moved = max((a - b).abs().max().item() for a, b in zip(seen[-1], seen[0]))
+    assert moved > 1e-2
+    for e, p in zip(ema, r.ema.parameters()):
+        torch.testing.assert_close(p.double(), e, rtol=1e-5, atol=1e-6)
+    assert r.ema is not model and not any(p.requires_grad for p in r.ema.parameters())
 
-    def fake_compile(model, mode=None):
-        seen.append(mode)
-        return lambda *a, **k: (seen.append("called"), model(*a, **k))[1]
 
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    sch = speed.make_schedule("linear", 50)
+def test_train_lowers_the_loss_and_logs_history():
+    """80 steps on 64 structured images: the last logged loss is below half the first; history holds
+    one entry per log interval, with the warm-up learning rate lr min(1, step / warmup)."""
+    sch = speed.make_schedule("linear", 100)
+    torch.manual_seed(0)
     model = tiny_unet()
-    r = speed.train(model, uint8_images(16, 8), sch, speed.make_strategy("uniform", sch), steps=2,
-                    batch_size=8, device="cpu", progress=False, compile=compile)
-    assert seen == [mode, "called", "called"] and r.model is model
-    with pytest.raises(ValueError, match="compile"):
-        speed.train(model, uint8_images(16, 8), sch, speed.make_strategy("uniform", sch), steps=1,
-                    batch_size=8, device="cpu", progress=False, compile="fastest")
+    r = speed.train(model, uint8_images(64), sch, speed.make_strategy("uniform", sch), steps=80, log_every=10,
+                    **{**TRAIN_KW, "lr": 2e-3, "warmup": 20})
+    assert r.step == 80 and [h["step"] for h in r.history] == list(range(10, 81, 10))
+    assert [h["lr"] for h in r.history] == pytest.approx([2e-3 * min(1, s / 20) for s in range(10, 81, 10)])
+    losses = [h["loss"] for h in r.history]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.5 * losses[0]
+    assert r.model is model and not model.training and r.interrupted is False
+    assert set(r.history[0]) >= {"step", "loss", "img_per_s", "lr", "mse_acceleration", "mse_deceleration",
+                                 "mse_convergence"}
 
 
-def _state(r):
-    return ([p.detach().clone() for p in r.model.parameters()], [p.detach().clone() for p in r.ema.parameters()])
+def _hist(r, keys=("step", "loss", "lr", "mse_acceleration", "mse_deceleration", "mse_convergence")):
+    return [tuple("nan" if isinstance(h[k], float) and math.isnan(h[k]) else h[k] for k in keys) for h in r.history]
 
 
-def _hist(r):
-    keys = ["step", "loss", "lr"] + [f"mse_{a}" for a in speed.AREA_NAMES]
-    return [tuple(("nan" if isinstance(h[k], float) and math.isnan(h[k]) else h[k]) for k in keys) for h in r.history]
-
-
-@pytest.mark.parametrize("strategy_name,opts", [("speed", {}), ("loss_aware", {"history": 2})])
-def test_train_resume_matches_uninterrupted_run(tmp_path, strategy_name, opts):
-    """train(N) vs train(N/2) + train(N, resume=True) from the checkpoint: identical logged losses
-    and identical final parameters (model and EMA), with dropout on (global RNG restored)."""
-    T, N = 24, 24
-    sch = speed.make_schedule("linear", T)
-    images = uint8_images(64, 8, seed=5)
-    kw = dict(batch_size=16, lr=1e-3, warmup=5, log_every=1, device="cpu", progress=False, seed=3)
-
+def _train_small(seed=1, steps=6, log_every=1, strategy="speed", opts=None, **kw):
+    sch = speed.make_schedule("linear", 24)
     torch.manual_seed(0)
-    full = speed.train(tiny_unet(dropout=0.2), images, sch, speed.make_strategy(strategy_name, sch, **opts),
-                       steps=N, ckpt_path=str(tmp_path / "full.pt"), **kw)
+    return speed.train(tiny_unet(dropout=0.2), uint8_images(64, seed=5), sch,
+                       speed.make_strategy(strategy, sch, **(opts or {})), steps=steps, seed=seed,
+                       log_every=log_every, **{**TRAIN_KW, **kw})
 
-    ck = str(tmp_path / "part.pt")
-    torch.manual_seed(0)
-    s1 = speed.make_strategy(strategy_name, sch, **opts)
-    half = speed.train(tiny_unet(dropout=0.2), images, sch, s1, steps=N // 2, ckpt_path=ck, **kw)
-    assert half.step == N // 2 and os.path.exists(ck)
-    if strategy_name == "loss_aware":  # the saved state is non-uniform, so resuming it matters
-        assert int(s1.counts.min()) >= opts["history"]
-        assert s1.probs.max() > 1.2 * s1.probs.min()
+
+def test_train_logged_loss_is_the_mean_over_the_interval():
+    """With log_every=3 each logged loss is the mean of the three per-step losses of log_every=1."""
+    every1, every3 = _train_small(steps=6, log_every=1), _train_small(steps=6, log_every=3)
+    l1 = [h["loss"] for h in every1.history]
+    assert [h["loss"] for h in every3.history] == pytest.approx([np.mean(l1[:3]), np.mean(l1[3:])], rel=1e-6)
+
+
+def test_train_same_seed_same_run_other_seed_differs():
+    """Two runs with the same seed give identical histories and weights (dropout on); another seed differs."""
+    a, b, c = _train_small(seed=1), _train_small(seed=1), _train_small(seed=2)
+    assert _hist(a) == _hist(b) and all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+    assert [h["loss"] for h in a.history] != [h["loss"] for h in c.history]
+
+
+def test_train_graph_flag_on_the_cpu_runs_the_same_step():
+    """graph=True captures the step in a CUDA graph only on a GPU; elsewhere it is the eager step."""
+    a, b = _train_small(steps=3, graph=True), _train_small(steps=3, graph=False)
+    assert _hist(a) == _hist(b) and all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_replayer_without_graph_calls_fn_every_time():
+    calls = []
+    run = speed.Replayer(lambda: calls.append(1), graph=False)
+    for _ in range(5):
+        run()
+    assert len(calls) == 5
+
+
+def _same_state(a, b):
+    return (all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+            and all(torch.equal(p, q) for p, q in zip(a.ema.parameters(), b.ema.parameters())))
+
+
+@pytest.mark.parametrize("strategy,opts", [("speed", {}), ("loss_aware", {"history": 2}), ("speed", {"dual": True})])
+def test_train_resume_equals_uninterrupted_run(tmp_path, strategy, opts):
+    """train(N) vs train(N/2) + train(N, resume) from the checkpoint: identical logged losses and final
+    weights (model and EMA), with dropout on; the loss-aware state is restored too."""
+    full = _train_small(steps=24, strategy=strategy, opts=opts, seed=3)
+    ck = str(tmp_path / "ck.pt")
+    half = _train_small(steps=12, strategy=strategy, opts=opts, seed=3, ckpt_path=ck)
+    assert half.step == 12 and torch.load(ck, weights_only=True)["step"] == 12
+    if strategy == "loss_aware":  # the saved state is non-uniform, so resuming it matters
+        assert half.strategy.probs.max() > 1.2 * half.strategy.probs.min()
     torch.manual_seed(123)  # a different init: the weights must come from the checkpoint
-    resumed = speed.train(tiny_unet(dropout=0.2), images, sch, speed.make_strategy(strategy_name, sch, **opts),
-                          steps=N, ckpt_path=ck, resume=True, **kw)
-    assert resumed.step == N
-    assert _hist(resumed) == _hist(full)
-    (pf, ef), (pr, er) = _state(full), _state(resumed)
-    assert all(torch.equal(a, b) for a, b in zip(pf, pr))
-    assert all(torch.equal(a, b) for a, b in zip(ef, er))
-    if strategy_name == "loss_aware":
+    resumed = _train_small(steps=24, strategy=strategy, opts=opts, seed=3, ckpt_path=ck)
+    assert resumed.step == 24 and _hist(resumed) == _hist(full) and _same_state(resumed, full)
+    if strategy == "loss_aware":
         assert torch.equal(full.strategy.losses, resumed.strategy.losses)
 
 
-def test_train_dropout_actually_randomises():
-    """Sanity for the resume test: with dropout, a different seed gives a different run."""
-    sch = speed.make_schedule("linear", 24)
-    images = uint8_images(32, 8, seed=5)
-    kw = dict(batch_size=16, lr=1e-3, warmup=5, log_every=1, device="cpu", progress=False, steps=3)
-    torch.manual_seed(0)
-    a = speed.train(tiny_unet(dropout=0.2), images, sch, speed.make_strategy("uniform", sch), seed=1, **kw)
-    torch.manual_seed(0)
-    b = speed.train(tiny_unet(dropout=0.2), images, sch, speed.make_strategy("uniform", sch), seed=1, **kw)
-    torch.manual_seed(0)
-    c = speed.train(tiny_unet(dropout=0.2), images, sch, speed.make_strategy("uniform", sch), seed=2, **kw)
-    assert _hist(a) == _hist(b)
-    assert _hist(a) != _hist(c)
-
-
-def test_train_checkpoint_mismatch_raises(tmp_path):
-    sch = speed.make_schedule("linear", 24)
-    images = uint8_images(32, 8)
+@pytest.mark.parametrize("change,field", [
+    (dict(lr=2e-3), "lr"),
+    (dict(opts={"k": 1}), "strategy"),
+    (dict(strategy="uniform"), "strategy"),
+    (dict(schedule="cosine"), "schedule"),
+    (dict(experiment={"data": "other.zip"}), "data"),
+    (dict(model_kw={"ch": 8}), "model"),
+    (dict(seed=2), "seed"),
+])
+def test_train_resume_refuses_another_experiment(tmp_path, change, field):
+    """A checkpoint of another experiment raises ValueError naming the differing field; resume=False
+    starts over."""
     ck = str(tmp_path / "ck.pt")
-    kw = dict(batch_size=16, log_every=1, device="cpu", progress=False, ckpt_path=ck)
-    speed.train(tiny_unet(), images, sch, speed.make_strategy("speed", sch), steps=2, **kw)
-    with pytest.raises(ValueError, match="checkpoint"):
-        speed.train(tiny_unet(), images, sch, speed.make_strategy("uniform", sch), steps=4, **kw)
-    # resume=False starts over without complaint
-    r = speed.train(tiny_unet(), images, sch, speed.make_strategy("uniform", sch), steps=1, resume=False,
-                    **{k: v for k, v in kw.items()})
-    assert r.step == 1
+
+    def run(steps, strategy="speed", opts=None, schedule="linear", experiment=None, model_kw=None, seed=0, lr=1e-3,
+            **kw):
+        sch = speed.make_schedule(schedule, 24)
+        return speed.train(tiny_unet(**(model_kw or {})), uint8_images(16), sch,
+                           speed.make_strategy(strategy, sch, **(opts or {})), steps=steps, seed=seed,
+                           experiment=experiment or {"data": "cifar.zip"}, ckpt_path=ck,
+                           **{**TRAIN_KW, "lr": lr, **kw})
+
+    run(1)
+    stored = torch.load(ck, weights_only=True)["experiment"]
+    assert stored["strategy"] == speed.make_strategy("speed", speed.make_schedule("linear", 24)).config
+    assert (stored["lr"], stored["seed"], stored["batch_size"], stored["data"]) == (1e-3, 0, 16, "cifar.zip")
+    with pytest.raises(ValueError, match=rf"another experiment.*\b{field}\b"):
+        run(2, **change)
+    assert run(1, resume=False, **change).step == 1
 
 
-# ------------------------------------------------------------------------------------------------
-# 13. samplers
-# ------------------------------------------------------------------------------------------------
+def test_train_extra_holds_json_values_only(tmp_path):
+    """result.extra with numpy scalars is saved as plain numbers (loadable with weights_only=True);
+    any other object raises ValueError at save time."""
+    ck = str(tmp_path / "ck.pt")
+
+    def put(value):
+        def callback(result):
+            result.extra["x"] = value
+        return callback
+
+    sch = speed.make_schedule("linear", 24)
+    speed.train(tiny_unet(), uint8_images(16), sch, speed.make_strategy("uniform", sch), steps=1, ckpt_path=ck,
+                callback=put([np.float32(1.5), np.int64(3), {"a": np.float64(0.25)}]), **TRAIN_KW)
+    assert torch.load(ck, weights_only=True)["extra"] == {"x": [1.5, 3, {"a": 0.25}]}
+    with pytest.raises(ValueError, match="result.extra"):
+        speed.train(tiny_unet(), uint8_images(16), sch, speed.make_strategy("uniform", sch), steps=1,
+                    ckpt_path=str(tmp_path / "other.pt"), callback=put(object()), **TRAIN_KW)
 
 
-@pytest.mark.parametrize("eta", [0.0, 0.5])
-def test_ddim_sample_reproducible_and_seed_dependent(eta):
-    sch = speed.make_schedule("linear", 50)
-    torch.manual_seed(0)
-    m = perturb_zero_init(tiny_unet()).eval()
-    kw = dict(shape=(3, 8, 8), steps=10, eta=eta, device="cpu")
-    a = speed.ddim_sample(m, sch, 5, generator=gen(1), **kw)
-    b = speed.ddim_sample(m, sch, 5, generator=gen(1), **kw)
-    c = speed.ddim_sample(m, sch, 5, generator=gen(2), **kw)
-    assert a.dtype == torch.uint8 and a.shape == (5, 3, 8, 8)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
-    # batching does not change the result (noise drawn per batch in order)
-    d = speed.ddim_sample(m, sch, 5, generator=gen(1), batch_size=5, **kw)
-    assert torch.equal(a, d)
+def test_train_callback_true_stops_and_checkpoints(tmp_path):
+    ck = str(tmp_path / "ck.pt")
+    r = _train_small(steps=10, callback=lambda res: res.step == 4, callback_every=2, ckpt_path=ck)
+    assert r.step == 4 and torch.load(ck, weights_only=True)["step"] == 4 and not r.interrupted
 
 
-def test_ddpm_sample_runs_on_small_T():
-    sch = speed.make_schedule("linear", 50)
-    torch.manual_seed(0)
-    m = perturb_zero_init(tiny_unet(num_classes=3)).eval()
-    out = speed.ddpm_sample(m, sch, 4, shape=(3, 8, 8), labels=torch.tensor([0, 1, 2, 0]), generator=gen(3))
-    assert out.dtype == torch.uint8 and out.shape == (4, 3, 8, 8)
-    out2 = speed.ddpm_sample(m, sch, 4, shape=(3, 8, 8), labels=torch.tensor([0, 1, 2, 0]), generator=gen(3))
-    assert torch.equal(out, out2)
+def test_train_checkpoints_every_ckpt_minutes(tmp_path):
+    """ckpt_minutes=0: a checkpoint after every step (a callback at step k finds step k - 1 on disk);
+    the default 5 minutes: none before the end of a short run."""
+    def seen_by(store, path):
+        def callback(result):
+            store.append(torch.load(path, weights_only=True)["step"] if os.path.exists(path) else None)
+        return callback
 
+    often, rarely = [], []
+    _train_small(steps=4, ckpt_path=str(tmp_path / "a.pt"), ckpt_minutes=0, callback_every=1,
+                 callback=seen_by(often, str(tmp_path / "a.pt")))
+    _train_small(steps=4, ckpt_path=str(tmp_path / "b.pt"), callback_every=1,
+                 callback=seen_by(rarely, str(tmp_path / "b.pt")))
+    assert often == [None, 1, 2, 3] and rarely == [None] * 4
+    assert torch.load(str(tmp_path / "b.pt"), weights_only=True)["step"] == 4
+
+
+def test_train_sigint_stops_after_the_step_and_resumes_to_the_same_weights(tmp_path):
+    """SIGINT during train(): the current step finishes, a checkpoint is written, train() returns with
+    result.interrupted; the previous handler is back; resuming reaches the uninterrupted run's weights."""
+    before = signal.getsignal(signal.SIGINT)
+
+    def interrupt(result):
+        if result.step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    ck = str(tmp_path / "ck.pt")
+    r = _train_small(steps=12, callback=interrupt, callback_every=1, ckpt_path=ck, seed=4)
+    assert r.interrupted and r.step == 5 and torch.load(ck, weights_only=True)["step"] == 5
+    assert signal.getsignal(signal.SIGINT) is before
+    resumed = _train_small(steps=12, ckpt_path=ck, seed=4)
+    full = _train_small(steps=12, seed=4)
+    assert not resumed.interrupted and _same_state(resumed, full) and _hist(resumed) == _hist(full)
+
+
+def test_train_second_sigint_raises_keyboard_interrupt(tmp_path):
+    def interrupt_twice(result):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        _train_small(steps=3, callback=interrupt_twice, callback_every=1)
+
+
+@pytest.mark.xfail(strict=True, reason="speed.py bug: the per-interval loss sums are not checkpointed, so after "
+                                       "an interruption between log points the next logged loss averages only "
+                                       "the steps run since the resume")
+def test_train_history_after_interrupt_between_log_points_equals_uninterrupted(tmp_path):
+    def interrupt(result):
+        if result.step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    ck = str(tmp_path / "ck.pt")
+    _train_small(steps=8, log_every=4, callback=interrupt, callback_every=1, ckpt_path=ck, seed=4)
+    resumed = _train_small(steps=8, log_every=4, ckpt_path=ck, seed=4)
+    assert _hist(resumed) == _hist(_train_small(steps=8, log_every=4, seed=4))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(grad_clip=-1.0), "grad_clip"), (dict(lr=0), r"\blr\b"), (dict(ema_decay=1.0), "ema_decay"),
+    (dict(batch_size=65), "batch_size"), (dict(steps=0), "steps"), (dict(warmup=-1), "warmup"),
+    (dict(target="score"), "target"), (dict(precision="fp8"), "precision"),
+])
+def test_train_rejects_bad_arguments(kw, match):
+    sch = speed.make_schedule("linear", 24)
+    args = {**TRAIN_KW, "steps": 1, **kw}
+    raises(lambda: speed.train(tiny_unet(), uint8_images(64), sch, speed.make_strategy("uniform", sch), **args), match)
+
+
+@pytest.mark.xfail(strict=True, reason="speed.py bug: log_every is not validated; log_every=0 raises "
+                                       "ZeroDivisionError after the first step instead of ValueError")
+def test_train_rejects_log_every_0():
+    sch = speed.make_schedule("linear", 24)
+    raises(lambda: speed.train(tiny_unet(), uint8_images(16), sch, speed.make_strategy("uniform", sch), steps=1,
+                               log_every=0, **TRAIN_KW), "log_every")
+
+
+@pytest.mark.xfail(strict=True, reason="speed.py bug: flip (data augmentation) is not part of the stored "
+                                       "experiment, so a resume with another flip is silently accepted")
+def test_train_resume_refuses_another_flip(tmp_path):
+    sch, ck = speed.make_schedule("linear", 24), str(tmp_path / "ck.pt")
+    speed.train(tiny_unet(), uint8_images(16), sch, speed.make_strategy("uniform", sch), steps=1, ckpt_path=ck,
+                **TRAIN_KW)
+    raises(lambda: speed.train(tiny_unet(), uint8_images(16), sch, speed.make_strategy("uniform", sch), steps=2,
+                               flip=False, ckpt_path=ck, **TRAIN_KW), "flip")
+
+
+# ================================================================================================
+# 10. Samplers
+# ================================================================================================
 
 class GaussOracle(nn.Module):
-    """The exact denoiser for data x0 ~ N(mu, v) iid per pixel, in the eps, x0 or v parameterisation:
-    E[x0 | x_t] = mu + a v (x_t - a mu) / (a^2 v + s^2), a = sqrt(abar_t), s = sqrt(1 - abar_t)."""
+    """The exact denoiser of data x0 ~ N(mu_y, v) iid per pixel (mu_y = mu + 0.2 y with labels), in the
+    eps, x0 or v parameterisation: E[x0 | x_t] = mu + a v (x_t - a mu) / (a^2 v + s^2), a = sqrt(abar_t),
+    s = sqrt(1 - abar_t). Records the steps it is called at."""
 
-    def __init__(self, mu, v, schedule, target):
+    def __init__(self, mu, v, schedule, target="eps", params=True):
         super().__init__()
-        self.mu, self.v, self.target = mu, v, target
+        self.mu, self.v, self.target, self.calls = mu, v, target, []
         self.ab = torch.from_numpy(np.cumprod(1 - schedule.betas.numpy()))
-        self.dummy = nn.Parameter(torch.zeros(()))  # gives the sampler a device
+        if params:
+            self.dummy = nn.Parameter(torch.zeros(()))  # gives the sampler a device
 
-    def forward(self, x, t):
-        ab = self.ab[t].view(-1, 1, 1, 1)
-        a, s, xd = ab.sqrt(), (1 - ab).sqrt(), x.double()
-        x0 = self.mu + a * self.v * (xd - a * self.mu) / (a * a * self.v + s * s)
+    def forward(self, x, t, y=None):
+        self.calls.append(t[0].item())
+        ab, xd = self.ab[t].view(-1, 1, 1, 1), x.double()
+        mu = self.mu + (0.2 * y.double().view(-1, 1, 1, 1) if y is not None else 0.0)
+        a, s = ab.sqrt(), (1 - ab).sqrt()
+        x0 = mu + a * self.v * (xd - a * mu) / (a * a * self.v + s * s)
         eps = (xd - a * x0) / s
         return {"eps": eps, "x0": x0, "v": a * eps - s * x0}[self.target].float()
 
 
-def _ddim_reference(x, mu, v, ab, ts, eta=0.0):
-    """DDIM (Song et al. 2021, eq. 12) with the exact Gaussian denoiser, written out in float64;
-    eta = 0 only (deterministic)."""
-    x = x.double()
-    for j, t in enumerate(ts):
-        a_t = ab[t]
-        a_p = ab[ts[j + 1]] if j + 1 < len(ts) else 1.0
-        x0 = mu + math.sqrt(a_t) * v * (x - math.sqrt(a_t) * mu) / (a_t * v + 1 - a_t)
-        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
-        x = math.sqrt(a_p) * x0 + math.sqrt(1 - a_p) * eps
-    return x
+def ddim_reference(n, shape, mu, v, T, steps, eta, seed, batch_size, labels=None, clip=False):
+    """DDIM (Song et al. 2021, eq. 12) with the exact Gaussian denoiser, written out in float64 over the
+    evenly respaced steps round(linspace(T-1, 0, steps)); sigma_t = eta sqrt((1 - abar_prev)/(1 - abar_t)
+    (1 - abar_t/abar_prev)). The documented noise order: all starting noise first, then per batch
+    (of min(batch_size, n)) one fresh [batch, *shape] draw per step when eta > 0."""
+    g = gen(seed)
+    ab = np_alpha_bar("linear", T)
+    ts = list(dict.fromkeys(np.round(np.linspace(T - 1, 0, steps)).astype(int).tolist()))
+    start = torch.randn((n, *shape), generator=g).double()
+    b, out = min(batch_size, n), []
+    for i in range(0, n, b):
+        x = start[i:i + b]
+        m = len(x)
+        mu_y = mu + (0.2 * labels[i:i + m].double().view(-1, 1, 1, 1) if labels is not None else 0.0)
+        for j, t in enumerate(ts):
+            a_t, a_p = ab[t], (ab[ts[j + 1]] if j + 1 < len(ts) else 1.0)
+            x0 = mu_y + math.sqrt(a_t) * v * (x - math.sqrt(a_t) * mu_y) / (a_t * v + 1 - a_t)
+            if clip:
+                x0 = x0.clamp(-1, 1)
+            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+            sig = eta * math.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
+            z = torch.randn((b, *shape), generator=g).double()[:m] if eta > 0 else 0.0
+            x = math.sqrt(a_p) * x0 + math.sqrt(max(1 - a_p - sig ** 2, 0.0)) * eps + sig * z
+        out.append(x)
+    return ((torch.cat(out) + 1) * 127.5).round().clamp(0, 255)
 
 
 @pytest.mark.parametrize("target", speed.TARGETS)
+@pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("steps", [1, 7, 50])
-def test_ddim_with_exact_denoiser_matches_reference(target, steps):
-    """DDIM (eta = 0) with the exact denoiser of Gaussian data, any target parameterisation, equals the
-    update written out independently (steps evenly spaced from T-1 to 0), up to uint8 rounding; a
-    model read with the wrong parameterisation does not."""
+def test_ddim_with_exact_denoiser_equals_reference(target, eta, steps):
+    """The sampler's table-driven step (graphed on a GPU, the same code eagerly here) equals the
+    straightforward DDIM reference for eta 0 and 1 and every target, over two batches, up to uint8
+    rounding; a model read with the wrong parameterisation does not."""
     T, mu, v = 50, 0.1, 0.09
     sch = speed.make_schedule("linear", T)
-    m = GaussOracle(mu, v, sch, target)
-    out = speed.ddim_sample(m, sch, 6, shape=(3, 4, 4), steps=steps, target=target, generator=gen(5), clip=False)
-    x_T = torch.randn((6, 3, 4, 4), generator=gen(5))
-    ts = sorted(set(np.round(np.linspace(T - 1, 0, steps)).astype(int).tolist()), reverse=True)
-    ref = _ddim_reference(x_T, mu, v, np_alpha_bar("linear", T), ts)
-    ref_u8 = ((ref + 1) * 127.5).round().clamp(0, 255)
-    assert (out.double() - ref_u8).abs().max().item() <= 1
+    kw = dict(shape=(3, 4, 4), steps=steps, eta=eta, generator=gen(5), clip=False, batch_size=4)
+    out = speed.ddim_sample(GaussOracle(mu, v, sch, target), sch, 6, target=target, **kw)
+    assert out.dtype == torch.uint8 and out.shape == (6, 3, 4, 4)
+    ref = ddim_reference(6, (3, 4, 4), mu, v, T, steps, eta, 5, 4)
+    assert (out.double() - ref).abs().max().item() <= 1
     if steps == 1:  # one step from T-1 (abar ~ 0) returns E[x0 | x_T] ~ mu: a flat image
         return
-    assert out.double().std() > 5  # not a constant image
+    assert out.double().std() > 5
     wrong = {"eps": "x0", "x0": "v", "v": "eps"}[target]
-    bad = speed.ddim_sample(m, sch, 6, shape=(3, 4, 4), steps=steps, target=wrong, generator=gen(5), clip=False)
-    assert (bad.double() - ref_u8).abs().max().item() > 1
+    bad = speed.ddim_sample(GaussOracle(mu, v, sch, target), sch, 6, target=wrong, **{**kw, "generator": gen(5)})
+    assert (bad.double() - ref).abs().max().item() > 1
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_clip_and_labels_equal_reference(eta):
+    """clip=True clamps the predicted x0 to [-1, 1] (and recomputes eps from it); labels reach the model
+    batch by batch. Data centred near 1 so that clipping matters."""
+    T, mu, v = 50, 0.7, 0.09
+    sch = speed.make_schedule("linear", T)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    kw = dict(shape=(2, 3, 3), steps=10, eta=eta, generator=gen(6), batch_size=3, labels=labels)
+    out = speed.ddim_sample(GaussOracle(mu, v, sch), sch, 7, clip=True, **kw)
+    ref = ddim_reference(7, (2, 3, 3), mu, v, T, 10, eta, 6, 3, labels=labels, clip=True)
+    assert (out.double() - ref).abs().max().item() <= 1
+    unclipped = ddim_reference(7, (2, 3, 3), mu, v, T, 10, eta, 6, 3, labels=labels, clip=False)
+    assert (unclipped - ref).abs().max().item() > 1
+
+
+def test_ddim_batching_does_not_change_the_result_for_eta_0():
+    """All starting noise is drawn first: with eta = 0, n = 7 in batches of 2, 3 or 7 gives the same
+    images. With eta > 0 the fresh noise of each step is drawn batch by batch, so the result depends on
+    batch_size by design (see ddim_sample): the same batch_size and seed reproduce it."""
+    sch = speed.make_schedule("linear", 50)
+    torch.manual_seed(0)
+    m = perturb_zero_init(tiny_unet(num_classes=3)).eval()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    kw = dict(shape=(3, 8, 8), steps=5, labels=labels, device="cpu")
+    runs = {b: speed.ddim_sample(m, sch, 7, generator=gen(1), batch_size=b, **kw) for b in (2, 3, 7)}
+    assert all((runs[b].int() - runs[7].int()).abs().max() <= 1 for b in (2, 3))  # float rounding only
+    assert (runs[2] != runs[7]).float().mean() < 0.01
+    oracle = GaussOracle(0.1, 0.09, sch)  # exact arithmetic per sample; 27 values per image
+    kw["shape"] = (3, 3, 3)
+    exact = {b: speed.ddim_sample(oracle, sch, 7, generator=gen(1), batch_size=b, **kw) for b in (2, 3, 7)}
+    assert torch.equal(exact[2], exact[7]) and torch.equal(exact[3], exact[7])
+    eta1 = {b: speed.ddim_sample(oracle, sch, 7, generator=gen(1), batch_size=b, eta=1.0, **kw) for b in (3, 7)}
+    assert torch.equal(eta1[3], speed.ddim_sample(oracle, sch, 7, generator=gen(1), batch_size=3, eta=1.0, **kw))
+    assert not torch.equal(eta1[3], eta1[7])
+
+
+def test_ddim_sample_seeded_uint8():
+    sch = speed.make_schedule("linear", 50)
+    torch.manual_seed(0)
+    m = perturb_zero_init(tiny_unet()).eval()
+    kw = dict(shape=(3, 8, 8), steps=5, eta=0.5)
+    a, b, c = (speed.ddim_sample(m, sch, 3, generator=gen(s), **kw) for s in (1, 1, 2))
+    assert a.dtype == torch.uint8 and a.shape == (3, 3, 8, 8) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_ddpm_sample_is_ancestral_over_250_respaced_steps():
+    """ddpm_sample: the paper's DDPM-250, i.e. min(250, T) evenly respaced steps round(linspace(T-1, 0))."""
+    sch = speed.make_schedule("linear", 1000)
+    oracle = GaussOracle(0.1, 0.09, sch)
+    speed.ddpm_sample(oracle, sch, 2, shape=(1, 2, 2), generator=gen(0))
+    assert oracle.calls == np.round(np.linspace(999, 0, 250)).astype(int).tolist()
+    small = speed.make_schedule("linear", 30)
+    oracle = GaussOracle(0.1, 0.09, small)
+    speed.ddpm_sample(oracle, small, 2, shape=(1, 2, 2), generator=gen(0))
+    assert oracle.calls == list(range(29, -1, -1))
 
 
 @pytest.mark.parametrize("target", speed.TARGETS)
 def test_ddpm_sample_with_exact_denoiser_has_predicted_mean_and_variance(target):
-    """DDPM ancestral sampling (posterior variance beta~) with the exact denoiser of N(mu, v) data: the
-    sampler is affine-Gaussian, so its output is N(M, V) with M, V from the recursion
+    """Ancestral sampling over all T = 50 steps (posterior variance beta~) with the exact denoiser of
+    N(mu, v) data is affine-Gaussian: the output is N(M, V) with M, V from the recursion
     x_{t-1} = A x_t + B + sigma z. 2000 samples x 48 pixels: mean within 5 s.e., variance within 5%."""
     T, mu, v, n = 50, 0.1, 0.04, 2000
     sch = speed.make_schedule("linear", T)
@@ -1150,8 +1369,7 @@ def test_ddpm_sample_with_exact_denoiser_has_predicted_mean_and_variance(target)
     for t in range(T - 1, -1, -1):
         a_t, a_p = ab[t], (ab[t - 1] if t > 0 else 1.0)
         sig2 = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
-        # x0_hat = c0 + c1 x_t ; eps_hat = (x_t - sqrt(a_t) x0_hat) / sqrt(1 - a_t)
-        c1 = math.sqrt(a_t) * v / (a_t * v + 1 - a_t)
+        c1 = math.sqrt(a_t) * v / (a_t * v + 1 - a_t)          # x0_hat = c0 + c1 x_t
         c0 = mu - c1 * math.sqrt(a_t) * mu
         k = math.sqrt(max(1 - a_p - sig2, 0.0)) / math.sqrt(1 - a_t)
         A = math.sqrt(a_p) * c1 + k * (1 - math.sqrt(a_t) * c1)
@@ -1160,870 +1378,131 @@ def test_ddpm_sample_with_exact_denoiser_has_predicted_mean_and_variance(target)
     out = speed.ddpm_sample(GaussOracle(mu, v, sch, target), sch, n, shape=(3, 4, 4), target=target,
                             generator=gen(6), batch_size=1000)
     x = out.double() / 127.5 - 1
-    N = x.numel()
-    assert abs(x.mean().item() - M) < 5 * math.sqrt(V / N)
+    assert abs(x.mean().item() - M) < 5 * math.sqrt(V / x.numel())
     assert abs(x.var().item() / V - 1) < 0.05
-    # sanity: the recursion itself ends near the data (mean exactly, variance below v: beta~ is the
-    # lower-bound reverse variance, which under-disperses with only T = 50 steps)
     assert abs(M - mu) < 1e-3 and 0.5 * v < V < v
 
 
-# ------------------------------------------------------------------------------------------------
-# 14. Frechet distance
-# ------------------------------------------------------------------------------------------------
+_S60 = speed.make_schedule("linear", 60)
 
+
+@pytest.mark.parametrize("fn,match", [
+    (lambda: speed.ddim_sample(GaussOracle(0, 1, _S60, params=False), _S60, 2, shape=(1, 2, 2)), "device"),
+    (lambda: speed.ddim_sample(GaussOracle(0, 1, _S60), _S60, 0, shape=(1, 2, 2)), r"\bn\b"),
+    (lambda: speed.ddim_sample(GaussOracle(0, 1, _S60), _S60, 2, steps=61), "steps"),
+    (lambda: speed.ddim_sample(GaussOracle(0, 1, _S60), _S60, 2, eta=1.5), "eta"),
+    (lambda: speed.ddim_sample(GaussOracle(0, 1, _S60), _S60, 2, batch_size=0), "batch_size"),
+    (lambda: speed.ddim_sample(GaussOracle(0, 1, _S60), _S60, 2, target="score"), "target"),
+])
+def test_samplers_reject_bad_arguments(fn, match):
+    raises(fn, match)
+
+
+@pytest.mark.xfail(strict=True, reason="speed.py bug: ddim_sample does not check labels; a wrong length fails "
+                                       "inside the loop with a RuntimeError about tensor sizes")
+def test_sampler_rejects_labels_of_the_wrong_length():
+    raises(lambda: speed.ddim_sample(GaussOracle(0, 1, _S60), _S60, 4, shape=(1, 2, 2), steps=5,
+                                     labels=torch.tensor([0, 1])), "labels")
+
+
+def test_sampler_with_parameterless_model_and_explicit_device():
+    out = speed.ddim_sample(GaussOracle(0.1, 0.09, _S60, params=False), _S60, 2, shape=(1, 2, 2), device="cpu",
+                            generator=gen(0))
+    assert out.shape == (2, 1, 2, 2)
+
+
+# ================================================================================================
+# 11. Frechet distance
+# ================================================================================================
 
 def test_frechet_identical_features_is_zero():
     f = torch.randn(500, 16, generator=gen(0), dtype=torch.float64) @ torch.randn(16, 16, generator=gen(1),
                                                                                    dtype=torch.float64)
-    tr = torch.cov(f.T).trace().item()
-    assert abs(speed.frechet_distance(f, f)) < 1e-8 * tr
-    # fewer samples than dimensions (singular covariance)
-    g = torch.randn(10, 64, generator=gen(2), dtype=torch.float64)
+    assert abs(speed.frechet_distance(f, f)) < 1e-8 * torch.cov(f.T).trace().item()
+    g = torch.randn(10, 64, generator=gen(2), dtype=torch.float64)  # fewer samples than dimensions
     assert abs(speed.frechet_distance(g, g)) < 1e-6 * torch.cov(g.T).trace().item()
 
 
-def test_frechet_diagonal_gaussians_closed_form():
-    """Commuting diagonal covariances: FD = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2."""
-    g = gen(3)
-    mu1, mu2 = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
-    a = torch.rand(6, generator=g, dtype=torch.float64) * 3 + 0.1
-    b = torch.rand(6, generator=g, dtype=torch.float64) * 3 + 0.1
+def _gaussians(seed=3, d=6):
+    g = gen(seed)
+    mu1, mu2 = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    a = torch.rand(d, generator=g, dtype=torch.float64) * 3 + 0.1
+    b = torch.rand(d, generator=g, dtype=torch.float64) * 3 + 0.1
+    return mu1, mu2, a, b
+
+
+def test_frechet_diagonal_closed_form_and_all_input_forms():
+    """Commuting covariances: FD = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2; the same from (mu, S) and
+    (mu, S, sqrt_psd(S)) tuples, in either order."""
+    mu1, mu2, a, b = _gaussians()
     expected = float(((mu1 - mu2) ** 2).sum() + ((a.sqrt() - b.sqrt()) ** 2).sum())
-    got = speed.frechet_distance((mu1, torch.diag(a)), (mu2, torch.diag(b)))
+    A, B = torch.diag(a), torch.diag(b)
+    assert speed.frechet_distance((mu1, A), (mu2, B)) == pytest.approx(expected, rel=1e-10)
+    assert speed.frechet_distance((mu1, A), (mu2, B, speed.sqrt_psd(B))) == pytest.approx(expected, rel=1e-10)
+    got = speed.frechet_distance((mu2, B, speed.sqrt_psd(B)), (mu1, A, speed.sqrt_psd(A)))
     assert got == pytest.approx(expected, rel=1e-10)
-    assert speed.frechet_distance((mu2, torch.diag(b)), (mu1, torch.diag(a))) == pytest.approx(expected, rel=1e-10)
 
 
-def test_frechet_full_covariance_scaled_closed_form():
-    """S2 = c^2 S1 (non-diagonal): tr((S1 S2)^(1/2)) = c tr(S1), so FD = |dmu|^2 + (1 - c)^2 tr(S1)."""
+def test_frechet_full_covariance_closed_forms():
+    """S2 = c^2 S1 (non-diagonal): tr (S1 S2)^(1/2) = c tr S1, so FD = |dmu|^2 + (1 - c)^2 tr S1; with
+    the reference's square root given as a third element the result is the same."""
     g = gen(4)
     A = torch.randn(5, 5, generator=g, dtype=torch.float64)
     S1 = A @ A.T + 0.1 * torch.eye(5, dtype=torch.float64)
     mu1, mu2 = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
     c = 1.7
     expected = float(((mu1 - mu2) ** 2).sum() + (1 - c) ** 2 * S1.trace())
-    assert speed.frechet_distance((mu1, S1), (mu2, c * c * S1)) == pytest.approx(expected, rel=1e-9)
+    S2 = c * c * S1
+    assert speed.frechet_distance((mu1, S1), (mu2, S2)) == pytest.approx(expected, rel=1e-9)
+    assert speed.frechet_distance((mu1, S1), (mu2, S2, speed.sqrt_psd(S2))) == pytest.approx(expected, rel=1e-9)
 
 
-def test_frechet_full_covariance_vs_scipy_sqrtm():
-    scipy_linalg = pytest.importorskip("scipy.linalg")
+def test_frechet_vs_numpy_eigendecomposition():
+    """General covariances: tr (S1 S2)^(1/2) = sum of sqrt of the eigenvalues of S1 S2 (real, >= 0)."""
     rng = np.random.default_rng(5)
     A, B = rng.standard_normal((6, 6)), rng.standard_normal((6, 6))
     S1, S2 = A @ A.T + 0.05 * np.eye(6), B @ B.T + 0.05 * np.eye(6)
     mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
-    expected = np.sum((mu1 - mu2) ** 2) + np.trace(S1) + np.trace(S2) - 2 * np.trace(scipy_linalg.sqrtm(S1 @ S2)).real
-    got = speed.frechet_distance((torch.from_numpy(mu1), torch.from_numpy(S1)),
-                                 (torch.from_numpy(mu2), torch.from_numpy(S2)))
+    tr_sqrt = np.sqrt(np.linalg.eigvals(S1 @ S2).real.clip(min=0)).sum()
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(S1) + np.trace(S2) - 2 * tr_sqrt
+    t = lambda x: torch.from_numpy(x)  # noqa: E731
+    assert speed.frechet_distance((t(mu1), t(S1)), (t(mu2), t(S2))) == pytest.approx(expected, rel=1e-8)
+    got = speed.frechet_distance((t(mu1), t(S1)), (t(mu2), t(S2), speed.sqrt_psd(t(S2))))
     assert got == pytest.approx(expected, rel=1e-8)
 
 
+def test_sqrt_psd():
+    """The symmetric PSD square root: R R = S, R = R^T; negative eigenvalues (round-off) clipped to 0."""
+    A = torch.randn(5, 3, generator=gen(6), dtype=torch.float64)
+    S = A @ A.T                                   # rank 3: two zero eigenvalues
+    R = speed.sqrt_psd(S)
+    torch.testing.assert_close(R @ R, S, atol=1e-10, rtol=0)
+    torch.testing.assert_close(R, R.T)
+    assert torch.linalg.eigvalsh(R).min().item() > -1e-7
+    R2 = speed.sqrt_psd(torch.diag(torch.tensor([4.0, -1e-12], dtype=torch.float64)))
+    torch.testing.assert_close(R2, torch.diag(torch.tensor([2.0, 0.0], dtype=torch.float64)))
+
+
 def test_frechet_from_samples_approaches_closed_form():
-    """From N = 200k samples of two known diagonal 3-D Gaussians the FD is within 0.03 of the closed form.
-    The dominant error term 2 (mu1 - mu2).(mu_hat - mu) has s.d. sqrt(4 sum dmu_i^2 (a_i + b_i) / N)
-    = 0.0044 here, so 0.03 is ~7 s.d."""
+    """N = 200k samples of two diagonal 3-D Gaussians: within 0.03 of the closed form (the dominant error
+    2 (mu1 - mu2).(mu_hat - mu) has s.d. 0.0044, so 0.03 is ~7 s.d.); feature_stats estimates them."""
     N, g = 200_000, gen(6)
-    mu1 = torch.tensor([0.0, 0.5, -0.5], dtype=torch.float64)
-    mu2 = torch.tensor([0.3, 0.0, -0.2], dtype=torch.float64)
-    a = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
-    b = torch.tensor([0.3, 1.5, 2.0], dtype=torch.float64)
+    mu1, mu2 = torch.tensor([0.0, 0.5, -0.5], dtype=torch.float64), torch.tensor([0.3, 0.0, -0.2], dtype=torch.float64)
+    a, b = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64), torch.tensor([0.3, 1.5, 2.0], dtype=torch.float64)
     X = mu1 + torch.randn(N, 3, generator=g, dtype=torch.float64) * a.sqrt()
     Y = mu2 + torch.randn(N, 3, generator=g, dtype=torch.float64) * b.sqrt()
     expected = float(((mu1 - mu2) ** 2).sum() + ((a.sqrt() - b.sqrt()) ** 2).sum())
-    got = speed.frechet_distance(X, Y)
-    assert abs(got - expected) < 0.03
-    # the fitted Gaussian itself (s.e. of each entry <= 2 * sqrt(2/N) ~ 0.006)
+    assert abs(speed.frechet_distance(X, Y) - expected) < 0.03
     mu_hat, cov_hat = speed.feature_stats(X)
     torch.testing.assert_close(mu_hat, mu1, atol=0.02, rtol=0)
     torch.testing.assert_close(cov_hat, torch.diag(a), atol=0.03, rtol=0)
 
 
-def test_feature_stats_unbiased_covariance():
+def test_feature_stats_unbiased_covariance_and_validation():
     f = torch.randn(7, 3, generator=gen(7), dtype=torch.float64)
-    mu, cov = speed.feature_stats(f)
-    fn = f.numpy()
-    np.testing.assert_allclose(mu.numpy(), fn.mean(0), rtol=1e-12)
-    np.testing.assert_allclose(cov.numpy(), np.cov(fn.T, ddof=1), rtol=1e-10)
-
-
-# ------------------------------------------------------------------------------------------------
-# 15. feature nets and the Inception FID path (tiny TorchScript stand-ins)
-# ------------------------------------------------------------------------------------------------
-
-
-class FakeInception(nn.Module):
-    """Same call signature as the StyleGAN2-ADA TorchScript Inception; refuses non-uint8 input;
-    features = channel means of the raw uint8 pixels times a fixed [3, 2048] matrix."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("proj", torch.randn(3, 2048, generator=torch.Generator().manual_seed(0)))
-
-    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        if img.dtype != torch.uint8:
-            raise RuntimeError("expected uint8 images")
-        feats = img.to(torch.float32).mean(dim=[2, 3]) @ self.proj
-        if return_features:
-            return feats
-        return feats[:, :1008]
-
-
-class FakeGeneric(nn.Module):
-    """A generic feature net: refuses non-float input; features = (min, max, mean, channels)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32:
-            raise RuntimeError("expected float32 images")
-        n = x.shape[0]
-        f = x.reshape(n, -1)
-        c = torch.full([n], float(x.shape[1]))
-        return torch.stack([f.amin(1), f.amax(1), f.mean(1), c], dim=1)
-
-
-def _save_script(module, path):
-    torch.jit.script(module).save(str(path))
-    return str(path)
-
-
-def _sha(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def _inception_features(images_u8):
-    proj = torch.randn(3, 2048, generator=torch.Generator().manual_seed(0))
-    return images_u8.float().mean(dim=(2, 3)) @ proj
-
-
-def test_load_cached_inception_without_download(tmp_path, monkeypatch):
-    """(a) A cached inception-2015-12-05.pt is used as is: no network, uint8 input, 2048-d features."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    path = _save_script(FakeInception(), cache / "inception-2015-12-05.pt")
-
-    def no_network(*a, **k):
-        raise AssertionError("must not download")
-
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    net = speed.load_feature_net("inception", cache_dir=str(cache))
-    assert net.kind == "inception"
-    images = uint8_images(5, 8, seed=1)
-    f = net(images)
-    assert f.shape == (5, 2048) and f.dtype == torch.float32
-    torch.testing.assert_close(f, _inception_features(images), rtol=1e-5, atol=1e-3)
-    # float images in [0, 255] are rounded to the same uint8 pixels
-    torch.testing.assert_close(net(images.float()), f)
-    # grayscale is expanded to 3 channels
-    assert net(images[:, :1]).shape == (5, 2048)
-    # compute_features batches and returns float64 on the CPU
-    cf = speed.compute_features(net, images, batch_size=2)
-    assert cf.dtype == torch.float64 and cf.shape == (5, 2048)
-    torch.testing.assert_close(cf, f.double(), rtol=1e-5, atol=1e-3)  # batch size may change float32 rounding
-    # the digest was recorded, and a later tampered file is refused
-    assert (cache / "inception-2015-12-05.pt.sha256").read_text().strip() == _sha(path)
-    with open(path, "ab") as fh:
-        fh.write(b"tampered")
-    with pytest.raises(ValueError, match="sha256"):
-        speed.load_feature_net("inception", cache_dir=str(cache))
-
-
-def test_inception_download_records_sha256_and_rejects_wrong_checksum(tmp_path):
-    """(b) Download through a file:// URL: saves the net and a .sha256 stamp; a wrong sha256=
-    raises ValueError and leaves no file (not even a .part) behind."""
-    src = _save_script(FakeInception(), tmp_path / "source.pt")
-    url = "file://" + os.path.abspath(src)
-    bad_dir = tmp_path / "bad"
-    with pytest.raises(ValueError, match="sha256|checksum"):
-        speed.load_feature_net("inception", cache_dir=str(bad_dir), url=url, sha256="0" * 64)
-    assert not bad_dir.exists() or os.listdir(bad_dir) == []
-
-    good_dir = tmp_path / "good"
-    net = speed.load_feature_net("inception", cache_dir=str(good_dir), url=url)
-    dest = good_dir / "inception-2015-12-05.pt"
-    assert dest.exists() and _sha(dest) == _sha(src)
-    assert (good_dir / "inception-2015-12-05.pt.sha256").read_text().strip() == _sha(src)
-    assert sorted(os.listdir(good_dir)) == ["inception-2015-12-05.pt", "inception-2015-12-05.pt.sha256"]
-    assert net(uint8_images(2, 8)).shape == (2, 2048)
-    # the right pinned checksum is accepted
-    pinned = tmp_path / "pinned"
-    speed.load_feature_net("inception", cache_dir=str(pinned), url=url, sha256=_sha(src))
-    assert (pinned / "inception-2015-12-05.pt").exists()
-
-
-def test_generic_feature_net_gets_float_0_255(tmp_path):
-    """(c) A TorchScript file not named inception* is 'generic' and gets float images in [0, 255]."""
-    path = _save_script(FakeGeneric(), tmp_path / "fdnet.pt")
-    net = speed.load_feature_net(path)
-    assert net.kind == "generic"
-    images = uint8_images(6, 8, seed=2)
-    images[0, 0, 0, 0], images[1, 0, 0, 0] = 0, 255
-    f = net(images)
-    x = images.float().reshape(6, -1)
-    torch.testing.assert_close(f[:, 0], x.amin(1))
-    torch.testing.assert_close(f[:, 1], x.amax(1))
-    torch.testing.assert_close(f[:, 2], x.mean(1))
-    assert f[:, 1].max().item() == 255.0 and f[:, 0].min().item() == 0.0
-    # a path whose name starts with 'inception' is treated as the Inception net
-    ipath = _save_script(FakeInception(), tmp_path / "inception-local.pt")
-    assert speed.load_feature_net(ipath).kind == "inception"
-    with pytest.raises(ValueError, match="feature net"):
-        speed.load_feature_net(str(tmp_path / "missing.pt"))
-
-
-def test_reference_stats_cached_and_reused(tmp_path, monkeypatch):
-    """(d) reference_stats writes a cache; a second call loads it without computing features; other
-    images (another key) are recomputed. fd_of_samples of the same images is ~0."""
-    net = speed.load_feature_net(_save_script(FakeGeneric(), tmp_path / "fdnet.pt"))
-    images = uint8_images(40, 8, seed=3)
-    cache = tmp_path / "stats" / "ref.pt"
-    mu, sigma = speed.reference_stats(net, images, cache_path=str(cache), batch_size=16)
-    assert cache.exists()
-    x = images.double().reshape(40, -1)
-    feats = torch.stack([x.amin(1), x.amax(1), x.mean(1), torch.full((40,), 3.0, dtype=torch.float64)], 1)
-    torch.testing.assert_close(mu, feats.mean(0))
-    torch.testing.assert_close(sigma, torch.cov(feats.T))
-    mtime = os.stat(cache).st_mtime_ns
-
-    calls = _count_calls(monkeypatch, speed, "compute_features")
-    mu2, sigma2 = speed.reference_stats(net, images, cache_path=str(cache), batch_size=16)
-    assert calls == [] and os.stat(cache).st_mtime_ns == mtime
-    assert torch.equal(mu, mu2) and torch.equal(sigma, sigma2)
-    other = uint8_images(40, 8, seed=4)
-    speed.reference_stats(net, other, cache_path=str(cache), batch_size=16)
-    assert calls == [1]
-    fd = speed.fd_of_samples(net, images, (mu, sigma), batch_size=16)
-    assert abs(fd) < 1e-8 * float(sigma.trace())
-    assert speed.fd_of_samples(net, other, (mu, sigma)) > 1e-3
-
-
-# ================================================================================================
-# train_tiny.py: the quick CIFAR-10 check and the side-by-side strategy comparison
-# ================================================================================================
-# The end-to-end tests use the project's shared data (../shared, next to the repository) and are
-# skipped where it is absent; everything else builds its own small data in tmp_path. No test
-# touches the network: every code path that could download has urllib.request.urlopen blocked.
-
-import gzip  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import pickle  # noqa: E402
-import tarfile  # noqa: E402
-import urllib.error  # noqa: E402
-import zipfile  # noqa: E402
-
-import train_tiny  # noqa: E402
-
-SHARED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared")
-SHARED_ZIP = os.path.join(SHARED_DIR, "data", "cifar10-train-jpeg75.zip")
-SHARED_FDNET = os.path.join(SHARED_DIR, "metrics", "cifar10-fdnet.pt")
-needs_shared = pytest.mark.skipif(
-    not (os.path.exists(SHARED_ZIP) and os.path.exists(SHARED_FDNET)),
-    reason=f"shared data not found: needs {SHARED_ZIP} and {SHARED_FDNET} (the project's ../shared folder)")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _block_network(monkeypatch):
-    def no_network(*a, **k):
-        raise urllib.error.URLError("network blocked by the test")
-
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
-
-
-def _read_png(path):
-    """Checks the PNG signature, then decodes with matplotlib: float array [H, W, 3 or 4] in [0, 1]."""
-    import matplotlib.image
-    with open(path, "rb") as f:
-        assert f.read(8) == PNG_SIGNATURE, f"{path} is not a PNG"
-    img = matplotlib.image.imread(str(path))
-    assert img.ndim == 3 and img.shape[2] in (3, 4)
-    return img
-
-
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory):
-    """One --cache for the end-to-end runs (decoded shared data and reference statistics are reused)."""
-    return str(tmp_path_factory.mktemp("tiny_cache"))
-
-
-# ---- 1. the cpu preset end to end, then --resume --------------------------------------------------
-
-@needs_shared
-def test_train_tiny_cpu_preset_end_to_end_then_resume(tmp_path, monkeypatch, tiny_cache):
-    _block_network(monkeypatch)
-    out = tmp_path / "run"
-    argv = ["--preset", "cpu", "--data", SHARED_ZIP, "--fid-model", SHARED_FDNET, "--out", str(out),
-            "--cache", tiny_cache, "--quiet"]
-    assert train_tiny.main(argv) == 0
-    m = json.loads((out / "metrics.json").read_text())
-    # cpu preset: 20 steps, 2 evaluations -> FD at steps 10 and 20, on the first 64 images
-    assert m["metric"] == "FD-fdnet" and m["strategy"] == "speed" and m["seed"] == 0
-    assert m["finished"] is True and m["n_images"] == 64
-    assert m["steps"] == m["planned_steps"] == 20
-    assert [s for s, _ in m["evals"]] == [10, 20]
-    assert all(math.isfinite(f) and f > 0 for _, f in m["evals"])
-    assert math.isfinite(m["final"]) and m["final"] == m["evals"][-1][1]
-    assert [h["step"] for h in m["history"]] == [10, 20]
-    assert all(math.isfinite(h["loss"]) for h in m["history"])
-    assert m["config"]["model"] == "micro" and m["config"]["batch_size"] == 8
-
-    # samples.png: 64 samples of 32x32 as an 8x8 grid; loss_areas.png: the 6 x 3.5 in figure at 110 dpi
-    grid = _read_png(out / "samples.png")
-    assert grid.shape[:2] == (256, 256) and grid[..., :3].std() > 0.01
-    assert _read_png(out / "loss_areas.png").shape[:2] == (385, 660)
-    ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
-    assert ck["step"] == 20 and ck["config"]["strategy"] == "speed"
-    assert ck["extra"]["evals"] == m["evals"]
-
-    # --resume with more steps continues from step 20: only 10 more training steps run, and wall_s
-    # adds this call's time to the earlier calls' (made large here so the sum is unmistakable)
-    (out / "metrics.json").write_text(json.dumps({**m, "wall_s": 1000.0}))
-    calls = _count_calls(monkeypatch, speed, "diffusion_loss")
-    assert train_tiny.main(argv + ["--resume", "--steps", "30"]) == 0
-    assert len(calls) == 10
-    m2 = json.loads((out / "metrics.json").read_text())
-    assert 1000 < m2["wall_s"] < 1000 + 300
-    assert m2["steps"] == m2["planned_steps"] == 30 and m2["finished"] is True
-    assert m2["evals"][:2] == m["evals"]  # the history continues: earlier results kept as they were
-    assert [s for s, _ in m2["evals"]] == [10, 20, 30] and math.isfinite(m2["final"])
-    assert m2["history"][:2] == m["history"] and [h["step"] for h in m2["history"]] == [10, 20, 30]
-    assert torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["step"] == 30
-
-
-def test_save_grid_layout(tmp_path):
-    """Image r * nrow + c lands in grid row r, column c; a last incomplete row is dropped."""
-    imgs = torch.arange(18, dtype=torch.uint8).mul(14).view(18, 1, 1, 1).expand(18, 3, 2, 3).contiguous()
-    imgs[:, 1] = 255 - imgs[:, 1]
-    path = tmp_path / "grid.png"
-    train_tiny.save_grid(imgs, str(path), nrow=4)
-    g = np.round(_read_png(path)[..., :3] * 255).astype(int)
-    assert g.shape == (4 * 2, 4 * 3, 3)
-    for r in range(4):
-        for c in range(4):
-            k = r * 4 + c
-            cell = g[r * 2:(r + 1) * 2, c * 3:(c + 1) * 3]
-            assert (cell[..., 0] == 14 * k).all() and (cell[..., 1] == 255 - 14 * k).all()
-
-
-# ---- 2. --compare end to end, and summarize() on synthetic runs ------------------------------------
-
-@needs_shared
-def test_train_tiny_compare_two_strategies_two_seeds(tmp_path, monkeypatch, tiny_cache):
-    _block_network(monkeypatch)
-    out = tmp_path / "cmp"
-    argv = ["--preset", "cpu", "--data", SHARED_ZIP, "--fid-model", SHARED_FDNET, "--cache", tiny_cache,
-            "--quiet", "--compare", "uniform,speed", "--seeds", "0,1", "--parallel", "2", "--steps", "4",
-            "--evals", "2", "--eval-samples", "32", "--sample-steps", "2", "--out", str(out)]
-    assert train_tiny.main(argv) == 0
-    runs = {}
-    for spec in ("uniform", "speed"):
-        for seed in (0, 1):
-            d = train_tiny.run_dir(str(out), spec, seed)
-            with open(os.path.join(d, "metrics.json")) as f:
-                r = json.load(f)
-            assert (r["strategy"], r["seed"], r["steps"], r["finished"]) == (spec, seed, 4, True)
-            assert [s for s, _ in r["evals"]] == [2, 4] and r["metric"] == "FD-fdnet" and r["n_images"] == 64
-            assert r["config"]["eval_samples"] == 32 and r["config"]["compare"] is None
-            assert os.path.exists(os.path.join(d, "samples.png")) and os.path.exists(os.path.join(d, "ckpt.pt"))
-            runs[spec, seed] = r
-    # the seed and the strategy reach the children: four different trainings
-    assert len({r["evals"][-1][1] for r in runs.values()}) == 4
-
-    s = json.loads((out / "compare.json").read_text())
-    assert s["baseline"] == "uniform" and s["metric"] == "FD-fdnet" and s["common_steps"] == [2, 4]
-    assert s["steps_reached"] == {f"{k}_s{sd}": 4 for k in ("uniform", "speed") for sd in (0, 1)}
-    assert [r["strategy"] for r in s["rows"]] == ["uniform", "speed"]
-    for row in s["rows"]:
-        finals = [runs[row["strategy"], sd]["final"] for sd in (0, 1)]
-        assert row["seeds"] == 2 and len(row["speedup_per_seed"]) == 2
-        assert row["final_mean"] == pytest.approx(sum(finals) / 2)
-        assert s["curves"][row["strategy"]]["per_seed"] == [[f for _, f in runs[row["strategy"], sd]["evals"]]
-                                                           for sd in (0, 1)]
-    uni = s["rows"][0]
-    assert uni["speedup_mean_curve"] == 1.0 and uni["speedup_per_seed"] == [1.0, 1.0]
-    md = (out / "compare.md").read_text().splitlines()
-    assert len(md) == 4 and md[2].startswith("| uniform | 2 |") and md[3].startswith("| speed | 2 |")
-    assert _read_png(out / "compare.png").shape[:2] == (504, 840)
-
-
-def _write_run(out, spec, seed, evals, partial=False, metric="FD-x"):
-    d = train_tiny.run_dir(str(out), spec, seed)
-    os.makedirs(d, exist_ok=True)
-    m = dict(strategy=spec, seed=seed, metric=metric, final=evals[-1][1] if evals else None, evals=evals,
-             steps=evals[-1][0] if evals else 0, planned_steps=30, finished=not partial, wall_s=1.5 + seed,
-             device="cpu", data="synthetic", n_images=8, config={}, history=[])
-    with open(os.path.join(d, "metrics.partial.json" if partial else "metrics.json"), "w") as f:
-        json.dump(m, f)
-
-
-def _synthetic_runs(out):
-    """uniform (baseline) and speed with seeds 0, 1; p2 only with seed 0. speed seed 0 was killed after
-    step 20 (only metrics.partial.json), so every curve is compared on the common steps 10 and 20."""
-    _write_run(out, "uniform", 0, [[10, 50.0], [20, 40.0], [30, 30.0]])
-    _write_run(out, "uniform", 1, [[10, 54.0], [20, 42.0], [30, 34.0]])
-    _write_run(out, "speed", 0, [[10, 45.0], [20, 25.0]], partial=True)
-    _write_run(out, "speed", 1, [[10, 44.0], [20, 30.0], [30, 20.0]])
-    _write_run(out, "speed", 1, [[10, 99.0]], partial=True)  # stale: metrics.json wins
-    _write_run(out, "p2", 0, [[10, 60.0], [20, 45.0], [30, 41.0]])
-
-
-def test_summarize_partial_runs_compared_on_common_steps(tmp_path, capsys):
-    out = tmp_path / "cmp"
-    _synthetic_runs(out)
-    s = train_tiny.summarize(str(out), ["uniform", "speed", "p2"], [0, 1])
-    assert s["common_steps"] == [10, 20] and s["baseline"] == "uniform" and s["metric"] == "FD-x"
-    assert s["steps_reached"] == {"uniform_s0": 30, "uniform_s1": 30, "speed_s0": 20, "speed_s1": 30, "p2_s0": 30}
-    assert s["wall_s"]["speed_s1"] == 2.5
-    assert s["curves"]["speed"] == dict(steps=[10, 20], mean=[44.5, 27.5], per_seed=[[45.0, 25.0], [44.0, 30.0]])
-    assert s["curves"]["uniform"]["mean"] == [52.0, 41.0]
-    rows = {r["strategy"]: r for r in s["rows"]}
-    assert list(rows) == ["uniform", "speed", "p2"]
-    # baseline: its mean curve reaches its final (41, on the common steps) at step 20
-    u = rows["uniform"]
-    assert u["speedup_mean_curve"] == 1.0 and u["steps_to_base_final"] == 20.0
-    assert u["speedup_per_seed"] == [1.0, 1.0] and u["final_mean"] == 41.0
-    assert u["final_std"] == pytest.approx(math.sqrt(2.0))
-    # speed mean curve (44.5, 27.5) crosses 41 at 10 + 10 * 3.5 / 17 = 205/17; speed-up 20 / (205/17)
-    sp = rows["speed"]
-    assert sp["steps_to_base_final"] == pytest.approx(205 / 17)
-    assert sp["speedup_mean_curve"] == pytest.approx(68 / 41)
-    # per seed on the common steps: seed 0 target 40: 10 + 10 * 5/20 = 12.5 -> 1.6;
-    # seed 1 target 42: 10 + 10 * 2/14 = 80/7 -> 1.75
-    assert sp["speedup_per_seed"] == pytest.approx([1.6, 1.75])
-    assert sp["speedup_seed_mean"] == pytest.approx(1.675)
-    assert sp["speedup_seed_std"] == pytest.approx(0.075 * math.sqrt(2))
-    assert sp["final_mean"] == 27.5 and sp["final_std"] == pytest.approx(2.5 * math.sqrt(2))
-    assert sp["seeds"] == 2 and sp["not_reached_seeds"] == 0
-    # p2 (one seed) never gets down to 41 (or seed 0's 40) within the common steps
-    p2 = rows["p2"]
-    assert p2["seeds"] == 1 and p2["speedup_mean_curve"] is None and p2["steps_to_base_final"] is None
-    assert p2["speedup_per_seed"] == [None] and p2["not_reached_seeds"] == 1
-    assert p2["final_mean"] == 45.0 and p2["final_std"] == 0.0
-    # objective shares per area on the default schedule (linear, T = 1000: the runs' config is empty)
-    sch = speed.make_schedule("linear", 1000)
-    for name in rows:
-        assert rows[name]["area_shares"] == speed.make_strategy(name, sch).area_shares(speed.find_areas(sch))
-    # the files
-    assert json.loads((out / "compare.json").read_text()) == json.loads(json.dumps(s))
-    md = (out / "compare.md").read_text().splitlines()
-    assert md[0].startswith("| strategy | seeds | final FD-x") and "speed-up vs uniform" in md[0]
-    assert md[2] == "| uniform | 2 | 41.00 ± 1.41 | 1.00× | 1.00 ± 0.00 | 0.22 / 0.48 / 0.30 |"
-    assert md[3] == "| speed | 2 | 27.50 ± 3.54 | 1.66× | 1.68 ± 0.11 | 0.28 / 0.57 / 0.15 |"
-    assert md[4] == "| p2 | 1 | 45.00 ± 0.00 | not reached | —; 1 not reached | 0.04 / 0.54 / 0.42 |"
-    assert "| speed | 2 |" in capsys.readouterr().out
-    _read_png(out / "compare.png")
-
-
-def test_compare_summarize_only_rebuilds_the_table(tmp_path, monkeypatch):
-    """--compare ... --summarize reads the run folders only: no data, no training, no subprocess."""
-    out = tmp_path / "cmp"
-    _synthetic_runs(out)
-
-    def forbidden(*a, **k):
-        raise AssertionError("--summarize must not load data or start runs")
-
-    monkeypatch.setattr(train_tiny, "load_data", forbidden)
-    monkeypatch.setattr(train_tiny, "run_one", forbidden)
-    monkeypatch.setattr(train_tiny.subprocess, "Popen", forbidden)
-    _block_network(monkeypatch)
-    assert train_tiny.main(["--compare", "uniform,speed", "--seeds", "0,1", "--summarize", "--out", str(out)]) == 0
-    s = json.loads((out / "compare.json").read_text())
-    assert [r["strategy"] for r in s["rows"]] == ["uniform", "speed"]
-    assert s["rows"][1]["speedup_per_seed"] == pytest.approx([1.6, 1.75])
-    assert (out / "compare.md").exists() and (out / "compare.png").exists()
-    with pytest.raises(SystemExit, match="no finished runs"):
-        train_tiny.summarize(str(tmp_path / "empty"), ["uniform"], [0])
-
-
-# ---- 3. speed-up from quality-vs-steps curves -----------------------------------------------------
-
-def test_steps_to_reach_interpolates_first_crossing():
-    steps = [100, 200, 300]
-    # halfway between evaluations: 8 at 200, 4 at 300 -> 6 at 250
-    assert train_tiny.steps_to_reach(steps, [10.0, 8.0, 4.0], 6.0) == 250.0
-    assert train_tiny.steps_to_reach(steps, [10.0, 8.0, 4.0], 8.0) == 200.0  # exactly at an evaluation
-    assert train_tiny.steps_to_reach(steps, [10.0, 8.0, 4.0], 9.5) == 125.0  # a quarter of the way
-    # already reached at the first evaluation: that step, no extrapolation towards 0
-    r = train_tiny.steps_to_reach(steps, [5.0, 4.0, 3.0], 6.0)
-    assert r == 100.0 and isinstance(r, float)
-    assert train_tiny.steps_to_reach(steps, [10.0, 8.0, 4.0], 3.0) is None  # never reached
-    assert train_tiny.steps_to_reach([], [], 1.0) is None
-    # non-monotone: the first crossing counts (9 -> 5 crosses 6 at 17.5); bouncing to 7 later does not undo it
-    assert train_tiny.steps_to_reach([10, 20, 30, 40], [9.0, 5.0, 7.0, 3.0], 6.0) == 17.5
-    assert train_tiny.steps_to_reach([10, 20, 30, 40], [9.0, 7.0, 5.0, 8.0], 6.0) == 25.0
-
-
-def test_speedup_factors():
-    # the baseline's own curve dips below its final value (6) before the end: it "needed" only
-    # 10 + 10 * (9 - 6) / (9 - 5) = 17.5 steps; the strategy reaches 6 at 10 + 10 * 2 / 4 = 15
-    base_steps, base_fd = [10, 20, 30, 40], [9.0, 5.0, 7.0, 6.0]
-    factor, need = train_tiny.speedup(base_steps, base_fd, [10, 20, 30, 40], [8.0, 4.0, 3.0, 2.0])
-    assert need == 15.0 and factor == pytest.approx(17.5 / 15.0)
-    # baseline against itself: 1
-    assert train_tiny.speedup(base_steps, base_fd, base_steps, base_fd) == (1.0, 17.5)
-    # reached at the strategy's first evaluation
-    factor, need = train_tiny.speedup(base_steps, base_fd, [10, 20], [5.5, 5.0])
-    assert need == 10.0 and factor == pytest.approx(1.75)
-    # not reached: no factor
-    assert train_tiny.speedup(base_steps, base_fd, [10, 20, 30, 40], [9.0, 8.0, 7.0, 6.5]) == (None, None)
-    # a later bounce above the target does not undo a crossing
-    factor, need = train_tiny.speedup(base_steps, base_fd, [10, 20, 30], [7.0, 5.0, 9.0])
-    assert need == 15.0 and factor == pytest.approx(17.5 / 15.0)
-    # different evaluation grids: base reaches its final 6 at 200; strategy 7 -> 5 over 50..100 crosses at 75
-    factor, need = train_tiny.speedup([100, 200], [10.0, 6.0], [50, 100], [7.0, 5.0])
-    assert need == 75.0 and factor == pytest.approx(200 / 75)
-
-
-
-def test_steps_to_levels_against_the_baseline():
-    curves = {"uniform": {"steps": [10, 20, 30], "mean": [9.0, 6.0, 4.0]},
-              "speed": {"steps": [10, 20, 30], "mean": [7.0, 5.0, 4.5]}}
-    table = train_tiny.steps_to_levels(curves, "uniform", [8.0, 5.0, 4.0])
-    # uniform: 8 at 10 + 10/3, 5 at 25, 4 at 30; speed: 8 at its first evaluation, 5 at 20, never 4
-    assert table["uniform"] == [(pytest.approx(40 / 3), 1.0), (25.0, 1.0), (30.0, 1.0)]
-    assert table["speed"][0] == (10.0, pytest.approx(4 / 3))
-    assert table["speed"][1] == (20.0, 1.25)
-    assert table["speed"][2] == (None, None)
-    # a level the baseline never reaches: steps for the strategy, but no ratio
-    assert train_tiny.steps_to_levels(curves, "speed", [4.0])["uniform"] == [(30.0, None)]
-
-# ---- 4. data: dataset zips, image folders, the CIFAR-10 archive, errors -----------------------------
-
-def _rgb(h, w, seed):
-    return np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def _encode(arr, fmt):
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    return buf.getvalue()
-
-
-def test_load_zip_images_and_labels_in_sorted_order(tmp_path):
-    arrs = {"img0.jpg": np.full((8, 6, 3), (200, 40, 90), np.uint8),  # flat colour: JPEG keeps it ±2
-            "img1.png": _rgb(8, 6, 1), "img2.png": _rgb(8, 6, 2), "sub/img3.PNG": _rgb(8, 6, 3)}
-    labels = {"img0.jpg": 7, "img1.png": 3, "img2.png": 5, "sub/img3.PNG": 1}
-    path = tmp_path / "ds.zip"
-    with zipfile.ZipFile(path, "w") as z:
-        for name in ["img2.png", "sub/img3.PNG", "img0.jpg", "img1.png"]:  # stored out of order
-            z.writestr(name, _encode(arrs[name], "JPEG" if name.endswith("jpg") else "PNG"))
-        z.writestr("notes.txt", "not an image")
-        z.writestr("dataset.json", json.dumps({"labels": [[n, lab] for n, lab in labels.items()]}))
-    images, labs = train_tiny.load_zip(str(path))
-    assert images.dtype == torch.uint8 and images.shape == (4, 3, 8, 6)
-    assert labs.tolist() == [7, 3, 5, 1]
-    assert (images[0].permute(1, 2, 0).int() - torch.tensor([200, 40, 90])).abs().max() <= 2
-    for i, name in enumerate(["img1.png", "img2.png", "sub/img3.PNG"], start=1):
-        assert torch.equal(images[i], torch.from_numpy(arrs[name]).permute(2, 0, 1))
-    images2, labs2 = train_tiny.load_zip(str(path), limit=2)
-    assert torch.equal(images2, images[:2]) and labs2.tolist() == [7, 3]
-    # without dataset.json (or with "labels": null) there are no labels
-    for meta in (None, {"labels": None}):
-        p = tmp_path / f"nolabels{meta is None}.zip"
-        with zipfile.ZipFile(p, "w") as z:
-            z.writestr("a.png", _encode(arrs["img1.png"], "PNG"))
-            if meta is not None:
-                z.writestr("dataset.json", json.dumps(meta))
-        imgs, labs = train_tiny.load_zip(str(p))
-        assert labs is None and imgs.shape == (1, 3, 8, 6)
-
-
-def test_load_folder_and_load_data_cache(tmp_path, monkeypatch):
-    folder = tmp_path / "imgs"
-    (folder / "sub").mkdir(parents=True)
-    arrs = {"b.png": _rgb(5, 7, 1), "a.png": _rgb(5, 7, 2), "sub/c.png": _rgb(5, 7, 3)}
-    for name, a in arrs.items():
-        (folder / name).write_bytes(_encode(a, "PNG"))
-    (folder / "readme.txt").write_text("not an image")
-    images, labels = train_tiny.load_folder(str(folder))
-    assert labels is None and images.dtype == torch.uint8 and images.shape == (3, 3, 5, 7)
-    for i, name in enumerate(["a.png", "b.png", "sub/c.png"]):
-        assert torch.equal(images[i], torch.from_numpy(arrs[name]).permute(2, 0, 1))
-    # load_data decodes once into the cache; a second call reads the cache (no decoding)
-    cache = tmp_path / "cache"
-    images2, _ = train_tiny.load_data(str(folder), str(cache), limit=2)
-    assert torch.equal(images2, images[:2])
-    assert [f for f in os.listdir(cache) if f.startswith("decoded-")] and len(os.listdir(cache)) == 1
-
-    def no_decode(*a, **k):
-        raise AssertionError("must read the cache")
-
-    monkeypatch.setattr(train_tiny, "load_folder", no_decode)
-    images3, labels3 = train_tiny.load_data(str(folder), str(cache), limit=2)
-    assert torch.equal(images3, images[:2]) and labels3 is None
-
-
-def test_data_errors_are_clear_and_leave_no_cache(tmp_path):
-    # images of different sizes, in a folder and in a zip
-    folder = tmp_path / "mixed"
-    folder.mkdir()
-    (folder / "a.png").write_bytes(_encode(_rgb(8, 8, 0), "PNG"))
-    (folder / "b.png").write_bytes(_encode(_rgb(6, 8, 1), "PNG"))
-    with pytest.raises(train_tiny.DataError, match="different sizes.*resize"):
-        train_tiny.load_folder(str(folder))
-    mixed_zip = tmp_path / "mixed.zip"
-    with zipfile.ZipFile(mixed_zip, "w") as z:
-        z.writestr("a.png", _encode(_rgb(8, 8, 0), "PNG"))
-        z.writestr("b.jpg", _encode(_rgb(4, 4, 1), "JPEG"))
-    with pytest.raises(train_tiny.DataError, match="different sizes"):
-        train_tiny.load_zip(str(mixed_zip))
-    # an undecodable image
-    (folder / "b.png").write_bytes(b"garbage")
-    with pytest.raises(train_tiny.DataError, match="could not decode image.*b.png"):
-        train_tiny.load_folder(str(folder))
-    with pytest.raises(train_tiny.DataError, match="holds no images"):
-        train_tiny.load_folder(str(tmp_path / "cache_never"))  # os.walk of a missing folder: no files
-    # a corrupt zip: DataError, and load_data writes no cache
-    bad = tmp_path / "bad.zip"
-    bad.write_bytes(np.random.RandomState(0).bytes(4096))
-    with pytest.raises(train_tiny.DataError, match="could not read dataset zip"):
-        train_tiny.load_zip(str(bad))
-    cache = tmp_path / "cache"
-    with pytest.raises(train_tiny.DataError):
-        train_tiny.load_data(str(bad), str(cache))
-    assert os.listdir(cache) == []
-    # a label table missing an image
-    nolab = tmp_path / "nolab.zip"
-    with zipfile.ZipFile(nolab, "w") as z:
-        z.writestr("a.png", _encode(_rgb(4, 4, 0), "PNG"))
-        z.writestr("dataset.json", json.dumps({"labels": [["other.png", 1]]}))
-    with pytest.raises(train_tiny.DataError, match="could not read dataset zip"):
-        train_tiny.load_zip(str(nolab))
-    # --data pointing nowhere
-    with pytest.raises(train_tiny.DataError, match="no_such.zip: no such file or folder"):
-        train_tiny.load_data(str(tmp_path / "no_such.zip"), str(cache))
-
-
-def _cifar_pickle(batch):
-    rs = np.random.RandomState(batch)
-    data = rs.randint(0, 256, (2, 3072), dtype=np.uint8)
-    return data, [(batch + j) % 10 for j in range(2)]
-
-
-def _cifar_tar_bytes():
-    """The CIFAR-10 python layout: cifar-10-batches-py/data_batch_1..5, each a pickle with b'data'
-    (rows of 1024 red, 1024 green, 1024 blue bytes, row-major 32x32) and b'labels'; 2 images each."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for i in range(1, 6):
-            data, labels = _cifar_pickle(i)
-            b = pickle.dumps({b"batch_label": b"x", b"data": data, b"labels": labels}, protocol=2)
-            info = tarfile.TarInfo(f"cifar-10-batches-py/data_batch_{i}")
-            info.size = len(b)
-            tar.addfile(info, io.BytesIO(b))
-        info = tarfile.TarInfo("cifar-10-batches-py/test_batch")
-        info.size = 4
-        tar.addfile(info, io.BytesIO(b"junk"))
-    return buf.getvalue()
-
-
-def _fake_download(archive_bytes, calls):
-    def download(url, path, md5=None, **k):
-        calls.append((url, md5))
-        if not os.path.exists(path):
-            with open(path, "wb") as f:
-                f.write(archive_bytes)
-        return path
-    return download
-
-
-def test_load_cifar10_archive_and_load_data_without_data(tmp_path, monkeypatch):
-    path = tmp_path / "cifar-10-python.tar.gz"
-    path.write_bytes(gzip.compress(_cifar_tar_bytes(), mtime=0))
-    images, labels = train_tiny.load_cifar10_archive(str(path))
-    assert images.dtype == torch.uint8 and images.shape == (10, 3, 32, 32)
-    assert labels.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
-    for i in range(1, 6):
-        data, _ = _cifar_pickle(i)
-        for j in range(2):
-            img = images[2 * (i - 1) + j]
-            assert torch.equal(img[0].flatten(), torch.from_numpy(data[j, :1024]))       # red plane
-            assert torch.equal(img[2, 31], torch.from_numpy(data[j, 3072 - 32:]))       # last blue row
-    # load_data(None): the (faked) download of the official archive, decoded and cached
-    _block_network(monkeypatch)
-    calls = []
-    monkeypatch.setattr(speed, "download", _fake_download(gzip.compress(_cifar_tar_bytes()), calls))
-    cache = tmp_path / "cache"
-    imgs, labs = train_tiny.load_data(None, str(cache), limit=3)
-    assert calls == [(train_tiny.CIFAR10_URL, train_tiny.CIFAR10_MD5)]
-    assert torch.equal(imgs, images[:3]) and labs.tolist() == [1, 2, 2]
-    assert len([f for f in os.listdir(cache) if f.startswith("decoded-")]) == 1
-
-
-def _corrupt_cifar_archives():
-    raw = _cifar_tar_bytes()
-    good = gzip.compress(raw, mtime=0)
-    # a second gzip member whose deflate data starts with the reserved block type 3: decompression
-    # fails in the middle of data_batch_2's bytes (after the first member decoded cleanly)
-    cut = 512 + 1024 + 512 + 700
-    header = gzip.compress(b"", mtime=0)[:10]
-    return {"truncated": good[: len(good) // 2],
-            "corrupt-stream": gzip.compress(raw[:cut], mtime=0) + header + b"\x07" + bytes(64),
-            "not-gzip": b"<html>proxy error</html>" * 10,
-            "no-batches": gzip.compress(b"\0" * 2048, mtime=0)}
-
-
-@pytest.mark.parametrize("kind", ["truncated", "corrupt-stream", "not-gzip", "no-batches"])
-def test_corrupt_cifar10_archive_is_a_data_error_and_not_cached(tmp_path, monkeypatch, kind):
-    data = _corrupt_cifar_archives()[kind]
-    path = tmp_path / "bad.tar.gz"
-    path.write_bytes(data)
-    with pytest.raises(train_tiny.DataError, match="corrupt or truncated.*delete it"):
-        train_tiny.load_cifar10_archive(str(path))
-    _block_network(monkeypatch)
-    monkeypatch.setattr(speed, "download", _fake_download(data, []))
-    cache = tmp_path / "cache"
-    with pytest.raises(train_tiny.DataError, match="corrupt or truncated"):
-        train_tiny.load_data(None, str(cache))
-    assert not [f for f in os.listdir(cache) if f.startswith("decoded-") or ".tmp" in f]
-
-
-def test_main_without_internet_or_data_says_how_to_pass_data(tmp_path, monkeypatch, capsys):
-    _block_network(monkeypatch)
-    cache = tmp_path / "cache"
-    argv = ["--preset", "cpu", "--out", str(tmp_path / "run"), "--cache", str(cache), "--quiet"]
-    assert train_tiny.main(argv) == 2
-    err = capsys.readouterr().err
-    assert "could not download CIFAR-10" in err and "network blocked" in err
-    assert "pass --data PATH" in err
-    assert os.listdir(cache / "data") == []  # no partial download, nothing decoded
-    assert not (tmp_path / "run" / "metrics.json").exists()
-    # --data pointing nowhere
-    assert train_tiny.main(argv + ["--data", str(tmp_path / "nowhere.zip")]) == 2
-    assert "nowhere.zip: no such file or folder" in capsys.readouterr().err
-
-
-# ---- 5. command line: strategy specs, per-run arguments of --compare -------------------------------
-
-def test_parse_strategy():
-    name, opts = train_tiny.parse_strategy("speed:k=2:dual=1:lam=0.5")
-    assert name == "speed" and opts == {"k": 2, "dual": True, "lam": 0.5}
-    assert type(opts["k"]) is int and type(opts["dual"]) is bool and type(opts["lam"]) is float
-    assert train_tiny.parse_strategy("speed:lam=none") == ("speed", {"lam": None})
-    assert train_tiny.parse_strategy("speed:dual=0:tau=700") == ("speed", {"dual": False, "tau": 700})
-    assert train_tiny.parse_strategy("lognormal:p_mean=-1.2") == ("lognormal", {"p_mean": -1.2})
-    assert train_tiny.parse_strategy("uniform") == ("uniform", {})
-    for bad in ["speed:k2", "speed:k=2:dual", "speed:k=two"]:
-        with pytest.raises(SystemExit, match="--strategy"):
-            train_tiny.parse_strategy(bad)
-    # the options reach make_strategy with the right types
-    name, opts = train_tiny.parse_strategy("speed:k=2:lam=0.5")
-    st = speed.make_strategy(name, speed.make_schedule("linear", 1000), **opts)
-    assert st.name == "speed"
-
-
-DROPPED = ["--compare", "--seeds", "--parallel", "--strategy", "--seed", "--out", "--time-budget"]
-
-
-@pytest.mark.parametrize("opt", DROPPED)
-def test_child_args_drop_per_run_options(opt):
-    assert train_tiny._child_args(["--steps", "4", opt, "v", "--quiet"]) == ["--steps", "4", "--quiet"]
-    assert train_tiny._child_args([opt + "=v", "--steps", "4"]) == ["--steps", "4"]
-    assert train_tiny._child_args(["--lr", "1e-3", opt + "=v"]) == ["--lr", "1e-3"]
-
-
-def test_child_args_keep_the_rest():
-    argv = ["--compare", "uniform,speed:k=2", "--seeds=0,1", "--parallel", "2", "--strategy=speed",
-            "--seed", "3", "--out", "runs/x", "--time-budget=60", "--summarize", "--steps", "4",
-            "--data=foo.zip", "--quiet", "--lr", "1e-3", "--summarize=", "--preset", "cpu"]
-    keep = ["--steps", "4", "--data=foo.zip", "--quiet", "--lr", "1e-3", "--preset", "cpu"]
-    assert train_tiny._child_args(argv) == keep
-    # --summarize is a flag: what follows it is kept
-    assert train_tiny._child_args(["--summarize", "--steps", "4"]) == ["--steps", "4"]
-    assert train_tiny._child_args(["--steps", "4", "--summarize"]) == ["--steps", "4"]
-    # parse_args records them, and fills in the preset
-    args = train_tiny.parse_args(["--compare", "uniform,speed", "--seeds", "0,1", "--preset", "cpu", "--steps", "4"])
-    assert args.child_args == ["--preset", "cpu", "--steps", "4"]
-    assert (args.steps, args.batch_size, args.model, args.evals) == (4, 8, "micro", 2)
-    assert args.out == os.path.join("runs", "compare")
-    for bad in (["--steps", "0"], ["--parallel", "0"], ["--eval-samples", "0"]):
-        with pytest.raises(SystemExit):
-            train_tiny.parse_args(["--preset", "cpu"] + bad)
-
-
-def test_compile_option_reaches_train(tmp_path, monkeypatch):
-    """--compile none is False for speed.train; a mode name is passed on; the h100 preset uses CUDA graphs."""
-    assert train_tiny.PRESETS["h100"]["compile"] == "reduce-overhead"
-    assert train_tiny.parse_args(["--preset", "cpu"]).compile == "none"
-    assert train_tiny.parse_args(["--preset", "cpu", "--compile", "default"]).compile == "default"
-    with pytest.raises(SystemExit):
-        train_tiny.parse_args(["--preset", "cpu", "--compile", "fastest"])
-    seen = []
-    monkeypatch.setattr(train_tiny.speed, "train", lambda *a, **k: seen.append(k["compile"]) or 1 / 0)
-    monkeypatch.setattr(train_tiny, "load_data", lambda *a: (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), None))
-    for flag, want in (("none", False), ("reduce-overhead", "reduce-overhead")):
-        args = train_tiny.parse_args(["--preset", "cpu", "--fid-model", "none", "--compile", flag,
-                                      "--cache", str(tmp_path)])
-        with pytest.raises(ZeroDivisionError):
-            train_tiny.run_one(args, "uniform", 0, str(tmp_path / flag))
-        assert seen[-1] == want
-
-
-def test_compile_without_triton_on_a_gpu_falls_back_to_eager(monkeypatch, capsys):
-    real = train_tiny.importlib.util.find_spec
-    assert train_tiny.compile_mode_for("none", "cuda") is False
-    assert train_tiny.compile_mode_for("reduce-overhead", "cpu") == "reduce-overhead"
-    monkeypatch.setattr(train_tiny.importlib.util, "find_spec", lambda n: None if n == "triton" else real(n))
-    assert train_tiny.compile_mode_for("reduce-overhead", "cuda") is False
-    assert "needs Triton" in capsys.readouterr().out
-    monkeypatch.setattr(train_tiny.importlib.util, "find_spec", lambda n: object())
-    assert train_tiny.compile_mode_for("reduce-overhead", "cuda") == "reduce-overhead"
-    assert capsys.readouterr().out == ""
-
-
-def test_compare_resume_continues_runs_stopped_by_the_time_budget(tmp_path):
-    """--compare --resume skips a run only once it has reached --steps."""
-    d = tmp_path / "run"
-    assert not train_tiny._finished(str(d), 8)                      # never started
-    d.mkdir()
-    (d / "metrics.json").write_text("{not json")
-    assert not train_tiny._finished(str(d), 8)                      # torn file
-    (d / "metrics.json").write_text(json.dumps({"steps": 4, "planned_steps": 8}))
-    assert not train_tiny._finished(str(d), 8)                      # stopped by a time budget
-    assert train_tiny._finished(str(d), 4)
-
-
-# ---- 6. time budget --------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("budget", [["--time-budget", "0"], ["--stop-at", "1"]])
-def test_time_budget_stops_at_the_first_check(tmp_path, monkeypatch, capsys, budget):
-    _block_network(monkeypatch)
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i in range(16):
-        (folder / f"{i:02d}.png").write_bytes(_encode(_rgb(8, 8, i), "PNG"))
-    out = tmp_path / "run"
-    argv = ["--preset", "cpu", "--data", str(folder), "--fid-model", "none", "--out", str(out),
-            "--cache", str(tmp_path / "cache"), "--quiet", "--steps", "8", "--evals", "2", "--sample-steps", "1"]
-    assert train_tiny.main(argv + budget) == 0
-    m = json.loads((out / "metrics.json").read_text())
-    # checks every min(eval_every, 50) = 4 steps: stopped at step 4 of 8, and still wrote everything
-    assert m["finished"] is True and m["planned_steps"] == 8 and m["steps"] == 4
-    assert m["metric"] is None and m["final"] is None and m["evals"] == [] and m["n_images"] == 16
-    assert [h["step"] for h in m["history"]] == [4]
-    assert "time budget reached at step 4" in capsys.readouterr().out
-    assert torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["step"] == 4
-    assert _read_png(out / "samples.png").shape[:2] == (64, 64)  # 8 x 8 grid of 8x8 samples
-
-
-# ================================================================================================
-# tutorial.ipynb: CI executes it headlessly on the CPU in its small mode and fails on any cell error
-# ================================================================================================
-
-@needs_shared  # no internet in tests: the notebook's data comes from the shared zip
-def test_tutorial_notebook_runs_top_to_bottom_in_small_mode(monkeypatch):
-    """The whole notebook through a real Jupyter kernel (SPEED_TUTORIAL_SMALL=1 shrinks it)."""
-    nbformat = pytest.importorskip("nbformat", reason="jupyter is in requirements.txt; CI installs it")
-    nbclient = pytest.importorskip("nbclient", reason="jupyter is in requirements.txt; CI installs it")
-    root = os.path.dirname(os.path.abspath(__file__))
-    nb = nbformat.read(os.path.join(root, "tutorial.ipynb"), as_version=4)
-    assert os.path.getsize(os.path.join(root, "tutorial.ipynb")) < 1.5e6  # committed with outputs, yet small
-    monkeypatch.setenv("SPEED_TUTORIAL_SMALL", "1")
-    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend draws the figures
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": root}}).execute()  # raises on a cell error
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 8  # the plots were drawn
-    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "SMALL mode: True" in text
+    mu, cov = speed.feature_stats(f.float())
+    assert mu.dtype == cov.dtype == torch.float64
+    np.testing.assert_allclose(mu.numpy(), f.float().double().numpy().mean(0), rtol=1e-12)
+    np.testing.assert_allclose(cov.numpy(), np.cov(f.float().double().numpy().T, ddof=1), rtol=1e-10)
+    raises(lambda: speed.feature_stats(torch.zeros(1, 3)), "feats")
+    raises(lambda: speed.frechet_distance(torch.zeros(4, 3), torch.zeros(4, 2)), "feature sizes")
