@@ -35,14 +35,11 @@ PRESETS = {  # h100: about 6 minutes on one H100; t4: about 10 on a Colab T4 (fp
                       "noise and its losses say nothing about SpeeD; real numbers need a GPU (h100 or t4 preset)"),
 }
 
-
 class DataError(RuntimeError):
     """Data could not be read or fetched; the message says how to provide it."""
 
-
 class OptionError(ValueError):
     """A bad command-line option; the message names the option and its valid values."""
-
 
 # ---- Data: a dataset zip, a folder of images or the CIFAR-10 archive -> uint8 [N, 3, H, W] and labels
 
@@ -55,7 +52,6 @@ def _decode(raw, path):
         raise DataError(f"images in {path} have different sizes {sorted({i.shape for i in imgs})[:4]}; resize them")
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
 
-
 def load_zip(path, limit=None):
     """EDM/StyleGAN dataset zip: images plus an optional dataset.json {"labels": [[name, label], ...]}."""
     try:
@@ -67,7 +63,6 @@ def load_zip(path, limit=None):
     except (zipfile.BadZipFile, zlib.error, OSError, KeyError, ValueError) as e:
         raise DataError(f"could not read dataset zip {path}: {e}") from e
 
-
 def load_folder(path, limit=None):
     """Every image file under a folder, in sorted path order; no labels."""
     names = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
@@ -75,7 +70,6 @@ def load_folder(path, limit=None):
         return (_decode([open(n, "rb").read() for n in names[:limit]], path) if names else None), None
     except OSError as e:
         raise DataError(f"could not decode an image in {path}: {e}") from e
-
 
 def load_cifar10_archive(path, limit=None):
     """The official cifar-10-python.tar.gz -> its 50,000 training images and labels."""
@@ -86,7 +80,6 @@ def load_cifar10_archive(path, limit=None):
                 torch.cat([torch.tensor(d[b"labels"]) for d in ds])[:limit])
     except (tarfile.TarError, EOFError, KeyError, OSError, pickle.UnpicklingError, zlib.error, ValueError) as e:
         raise DataError(f"CIFAR-10 archive {path} is corrupt or truncated ({e}); delete it and retry") from e
-
 
 def load_data(data=None, cache_dir="data", limit=None):
     """uint8 images [N, 3, H, W] and labels (or None) of a zip, a folder or (None) CIFAR-10, downloaded;
@@ -113,7 +106,6 @@ def load_data(data=None, cache_dir="data", limit=None):
     speed._save_atomic({"images": images, "labels": labels}, cache)
     return images, labels
 
-
 def balanced_subset(labels, n):
     """Indices of a fixed class-balanced subset of n images (each class's first images in dataset order)."""
     classes = labels.unique().tolist() if labels is not None else []
@@ -123,18 +115,15 @@ def balanced_subset(labels, n):
         raise DataError(f"--subset {n}: the data has no labels or too few images of a class for a balanced subset")
     return torch.cat(idx).sort().values
 
-
 def data_digest(images):
     """sha256 (16 hex digits) of every len/64-th image: identifies a data set in checkpoints and caches."""
     return hashlib.sha256(images[::max(1, len(images) // 64)].cpu().numpy().tobytes()).hexdigest()[:16]
-
 
 # ---- Metric: feature nets (Inception for FID), their download, reference statistics, FD of samples
 
 def _digest(path, algo="sha256"):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, algo).hexdigest()
-
 
 def download(url, path, sha256=None, md5=None):
     """url -> path once, atomically (a .part file renamed at the end); a wrong checksum raises ValueError."""
@@ -152,7 +141,6 @@ def download(url, path, sha256=None, md5=None):
         finally:
             os.path.exists(part) and os.remove(part)
     return path
-
 
 class FeatureNet:
     """images [N, C, H, W] (uint8 or floats in [0, 255]) -> features [N, D] on the net's device. 'inception':
@@ -172,7 +160,6 @@ class FeatureNet:
             return self.net(x.float()).float()
         with torch.autocast("cuda", torch.float16, enabled=self.device.type == "cuda"):
             return self.net(x.round().clamp(0, 255).to(torch.uint8), return_features=True).float()
-
 
 def load_feature_net(name_or_path="inception", cache_dir=None, sha256=None, kind=None, device="cpu", url=INCEPTION_URL):
     """'inception' -> the standard FID Inception-v3, downloaded into cache_dir once (its sha256 recorded and
@@ -197,11 +184,9 @@ def load_feature_net(name_or_path="inception", cache_dir=None, sha256=None, kind
     return FeatureNet(torch.jit.load(path, map_location="cpu").eval(), kind, f"{os.path.basename(path)}:{digest[:12]}",
                       device)
 
-
 def compute_features(net, images, batch_size=500):
     """Features [N, D] (float32, on the net's device) of images [N, C, H, W], batch_size at a time."""
     return torch.cat([net(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-
 
 def reference_stats(net, images, cache_path=None, batch_size=500):
     """(mean, covariance) of a data set's features on the net's device, cached in cache_path under a key of
@@ -216,11 +201,9 @@ def reference_stats(net, images, cache_path=None, batch_size=500):
         speed._save_atomic({"key": key, "mu": mu.cpu(), "sigma": sigma.cpu()}, cache_path)
     return mu, sigma
 
-
 def fd_of_samples(net, samples, ref, batch_size=500):
     """Frechet distance of samples to a reference (mu, sigma[, sqrt_psd(sigma)]), on the reference's device."""
     return speed.frechet_distance(compute_features(net, samples, batch_size), ref)
-
 
 # ---- One run: strategy and samplers from their option strings, training with evaluations, metrics
 
@@ -235,7 +218,6 @@ def parse_strategy(spec):
         r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?inf|nan", v) else v
     return name, {k: value(v) for k, v in (i.split("=", 1) for i in items)}
 
-
 def make_strategy(spec, schedule):
     """The strategy of a --strategy value; speed's ValueError (it names the option) becomes an OptionError."""
     name, options = parse_strategy(spec)
@@ -244,7 +226,6 @@ def make_strategy(spec, schedule):
     except (ValueError, TypeError) as e:
         raise OptionError(f"--strategy {spec}: {' '.join(str(e).split())}") from None
 
-
 def parse_samplers(text, T):
     """'ddpm250,ddim25' -> {'ddpm250': (speed.ddpm_sample, 250), 'ddim25': (speed.ddim_sample, 25)}."""
     found = {s: re.fullmatch(r"(ddpm|ddim)(\d+)", s) for s in text.split(",")}
@@ -252,7 +233,6 @@ def parse_samplers(text, T):
         if not m or not 1 <= int(m[2]) <= T:
             raise OptionError(f"--eval-samplers {text}: {s!r} is not valid; valid: ddpmN or ddimN with 1 <= N <= {T}")
     return {s: (speed.ddpm_sample if m[1] == "ddpm" else speed.ddim_sample, int(m[2])) for s, m in found.items()}
-
 
 def setup(args):
     """Data (after --limit, --subset), its identity, the feature net and the reference (mu, sigma, sqrt sigma)."""
@@ -265,7 +245,6 @@ def setup(args):
     ref = os.path.join(args.cache, f"ref-{net.name.replace(':', '-')}-{len(images)}-{data['sha256']}.pt")
     mu, sigma = reference_stats(net, images, ref)
     return images, data, net, (mu, sigma, speed.sqrt_psd(sigma))
-
 
 def write_metrics(args, result, data, t0, final=None):
     """metrics.json once finished (final given), else metrics.partial.json: FD curves per sampler, the rest."""
@@ -281,7 +260,6 @@ def write_metrics(args, result, data, t0, final=None):
     if final is not None and os.path.exists(os.path.join(args.out, "metrics.partial.json")):
         os.remove(os.path.join(args.out, "metrics.partial.json"))
     return m
-
 
 def run(args):
     """Train one strategy and seed, evaluating every steps/evals steps; returns the exit status."""
@@ -343,7 +321,6 @@ def run(args):
     print(f"train_tiny: outputs in {args.out} (metrics.json, samples.png, ckpt.pt)")
     return 0
 
-
 def save_grid(images, path, nrow=8):
     """uint8 images [N, 3, H, W] -> an RGB PNG grid, nrow images a row (an incomplete last row dropped)."""
     from PIL import Image
@@ -351,13 +328,11 @@ def save_grid(images, path, nrow=8):
     grid = images[:n].cpu().view(n // nrow, nrow, c, h, w).permute(0, 3, 1, 4, 2).reshape(n // nrow * h, nrow * w, c)
     Image.fromarray(grid.numpy()).save(path)
 
-
 # ---- Command line: every option is checked before any data is read or any folder created
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise OptionError(message.replace("argument ", "", 1))
-
 
 def _arg(kind, ok, valid):
     """An argparse type: kind(text) satisfying ok, else 'valid: ...'."""
@@ -368,7 +343,6 @@ def _arg(kind, ok, valid):
         except (ValueError, AssertionError):
             raise argparse.ArgumentTypeError(f"{text!r} is not valid; valid: {valid}") from None
     return parse
-
 
 def check(args):
     """Fill in the preset and check what argparse cannot; raises OptionError, reads no data, creates nothing."""
@@ -402,7 +376,6 @@ def check(args):
                           f"start it without --resume")
     return args
 
-
 def parse_args(argv=None):
     """Command line -> args with the preset filled in; raises OptionError naming the first bad option."""
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -434,7 +407,6 @@ def parse_args(argv=None):
     add("--quiet", action="store_true", help="no progress bar")
     return check(p.parse_args(argv))
 
-
 def main(argv=None):
     try:
         args = parse_args(argv)
@@ -446,7 +418,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted before training started; nothing to resume", file=sys.stderr)
         return 130
-
 
 if __name__ == "__main__":
     sys.exit(main())
