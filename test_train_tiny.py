@@ -56,6 +56,15 @@ def _write_zip(path, images, labels=None):
     return str(path)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and spin-waiting threads slow a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A 16-image 8x8 dataset zip with two classes, and one --cache shared by the runs of this module."""

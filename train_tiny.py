@@ -7,7 +7,7 @@
 
 Writes to --out: metrics.json (FD curve per sampler), samples.png, ckpt.pt. Comparisons: bench/compare.py.
 """
-import argparse, hashlib, io, json, os, pickle, re, sys, tarfile, time, urllib.request, zipfile, zlib  # noqa: E401
+import argparse, ast, hashlib, io, json, os, pickle, re, sys, tarfile, time, urllib.request, zipfile, zlib  # noqa: E401
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -212,11 +212,13 @@ def parse_strategy(spec):
     name, *items = spec.split(":")
     if not all("=" in i for i in items):
         raise OptionError(f"--strategy {spec}: options are written name:key=value:key=value")
-    named = {"none": None, "true": True, "false": False}
-    number = lambda v: int(v) if re.fullmatch(r"[+-]?\d+", v) else float(v)  # noqa: E731
-    value = lambda v: named[v.lower()] if v.lower() in named else number(v) if re.fullmatch(  # noqa: E731
-        r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?inf|nan", v) else v
-    return name, {k: value(v) for k, v in (i.split("=", 1) for i in items)}
+    return name, {k: _value(v) for k, v in (i.split("=", 1) for i in items)}
+
+def _value(text):
+    try:  # a Python literal (none, true and false in any case), else the word itself
+        return ast.literal_eval({"none": "None", "true": "True", "false": "False"}.get(text.lower(), text))
+    except (ValueError, SyntaxError):
+        return text
 
 def make_strategy(spec, schedule):
     """The strategy of a --strategy value; speed's ValueError (it names the option) becomes an OptionError."""
@@ -267,8 +269,8 @@ def run(args):
     t0 = time.time() - (json.load(open(partial))["wall_s"] if args.resume and os.path.exists(partial) else 0.0)
     torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     images, data, net, ref = setup(args)
-    schedule = speed.make_schedule(args.schedule, args.T)
-    strategy, samplers = make_strategy(args.strategy, schedule), parse_samplers(args.eval_samplers, args.T)
+    schedule = speed.make_schedule(args.schedule)
+    strategy, samplers = make_strategy(args.strategy, schedule), parse_samplers(args.eval_samplers, schedule.T)
     arch = {**(MICRO if args.model == "micro" else speed.UNET_SIZES[args.model]), "img_res": images.shape[-1]}
     with torch.random.fork_rng(devices=[]):  # the initial weights are a pure function of --seed
         torch.manual_seed(args.seed)
@@ -299,11 +301,11 @@ def run(args):
     try:
         result = speed.train(model, images, schedule, strategy, steps=args.steps, batch_size=args.batch_size,
                              lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, precision=args.precision,
-                             seed=args.seed, device=args.device, log_every=args.log_every, callback=evaluate,
+                             seed=args.seed, device=args.device, log_every=every, callback=evaluate,
                              callback_every=every, ckpt_path=os.path.join(args.out, "ckpt.pt"), resume=args.resume,
                              experiment=experiment, progress=not args.quiet)
     except ValueError as e:  # a checkpoint of another experiment, or options that do not fit the data
-        raise OptionError(("--resume: " if args.resume else "") + " ".join(str(e).split())) from None
+        raise OptionError(("--resume: " if "another experiment" in str(e) else "") + " ".join(str(e).split())) from None
     if result.interrupted:
         write_metrics(args, result, data, t0)
         print(f"interrupted at step {result.step}; continue with --resume", file=sys.stderr)
@@ -332,7 +334,8 @@ def save_grid(images, path, nrow=8):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise OptionError(message.replace("argument ", "", 1))
+        moved = "; comparisons are run by bench/compare.py" if "--compare" in message else ""
+        raise OptionError(message.replace("argument ", "", 1) + moved)
 
 def _arg(kind, ok, valid):
     """An argparse type: kind(text) satisfying ok, else 'valid: ...'."""
@@ -357,11 +360,8 @@ def check(args):
     for k, v in PRESETS[args.preset].items():
         setattr(args, k, v if getattr(args, k, None) is None else getattr(args, k))
     args.out = args.out or os.path.join("runs", re.sub(r"[^\w.=-]", "_", args.strategy))
-    try:
-        schedule = speed.make_schedule(args.schedule, args.T)
-    except ValueError as e:
-        raise OptionError(f"--T {args.T}: {e}") from None
-    make_strategy(args.strategy, schedule), parse_samplers(args.eval_samplers, args.T)
+    schedule = speed.make_schedule(args.schedule)
+    make_strategy(args.strategy, schedule), parse_samplers(args.eval_samplers, schedule.T)
     if args.data and not os.path.exists(args.data):
         raise OptionError(f"--data {args.data}: no such file or folder; valid: a dataset zip or a folder of images")
     if args.fid_model == "inception" and os.path.isfile(SHARED_INCEPTION):
@@ -397,10 +397,8 @@ def parse_args(argv=None):
     add("--ema-decay", type=_arg(float, lambda v: 0 <= v < 1, "a number in [0, 1)"))
     add("--fid-model", help="inception (standard FID), none, or a TorchScript feature net file")
     add("--schedule", choices=speed.SCHEDULES, default="linear")
-    add("--T", type=_arg(int, lambda v: v >= 2, "an integer >= 2"), default=1000, help="diffusion steps")
     add("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     add("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
-    add("--log-every", type=pos, default=100, help="steps per entry of the loss history")
     add("--out", help="output folder (default runs/<strategy>)")
     add("--cache", default=os.path.join("runs", "cache"), help="decoded data, feature nets, reference statistics")
     add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -408,6 +406,7 @@ def parse_args(argv=None):
     return check(p.parse_args(argv))
 
 def main(argv=None):
+    args = None
     try:
         args = parse_args(argv)
         print(f"train_tiny: preset {args.preset}: {PRESETS[args.preset]['about']}", flush=True)
@@ -415,8 +414,9 @@ def main(argv=None):
     except (OptionError, DataError) as e:
         print(f"train_tiny: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted before training started; nothing to resume", file=sys.stderr)
+    except KeyboardInterrupt:  # outside training (which stops cleanly on Ctrl-C): setup or the final evaluation
+        resumable = args is not None and os.path.exists(os.path.join(args.out, "ckpt.pt"))
+        print("interrupted; " + ("continue with --resume" if resumable else "nothing to resume"), file=sys.stderr)
         return 130
 
 if __name__ == "__main__":
