@@ -18,6 +18,7 @@ evaluations), per seed and on the mean curve over seeds. It is not given from fe
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -155,7 +156,8 @@ def markdown(summary):
     metric, samplers = summary["metric"] or "FD", summary["samplers"]
     head = ["strategy", "seeds"] + [f"{metric} {s} (mean ± std)" for s in samplers] + \
            [f"speed-up {s} vs {summary['baseline']}: mean curve; per seed mean ± std" for s in samplers]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] if samplers else [
+        "no quality measured (runs without a feature net: --fid-model none)"]
     for r in summary["rows"]:
         q = [f"{fmt(r[s]['final_mean'])} ± {fmt(r[s]['final_std'])} (n={'/'.join(map(str, r[s]['final_samples']))})"
              for s in samplers]
@@ -164,7 +166,7 @@ def markdown(summary):
                                f"{fmt(r[s]['speedup_seed_std'])}" + (f" ({r[s]['not_reached_seeds']} seeds not reached)"
                                                                      if r[s]["not_reached_seeds"] else ""))
               for s in samplers]
-        lines.append("| " + " | ".join([r["strategy"], str(len(r["seeds"]))] + q + sp) + " |")
+        samplers and lines.append("| " + " | ".join([r["strategy"], str(len(r["seeds"]))] + q + sp) + " |")
     return "\n".join(lines)
 
 
@@ -184,7 +186,7 @@ def plot(summary, path):
                                 color=line.get_color(), alpha=0.15)
         ax.set(xlabel="training step", ylabel=f"{summary['metric']} (lower is better)", yscale="log", title=sampler)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        ax.get_legend_handles_labels()[0] and ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -234,7 +236,8 @@ def launch(jobs, gpus, per_gpu, prepare=True):
                 os.makedirs(d, exist_ok=True)
                 log = open(os.path.join(d, "log.txt"), "a")
                 proc = subprocess.Popen([sys.executable, TRAIN_TINY] + argv, stdout=log, stderr=subprocess.STDOUT,
-                                        env={**env, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})})
+                                        env={**env, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})},
+                                        start_new_session=True)  # a Ctrl-C reaches the runs once, through compare
                 running.append((spec, seed, gpu, proc, log))
                 print(f"compare: started {spec} seed {seed}" + (f" on GPU {gpu}" if gpu is not None else ""), flush=True)
             for r in [r for r in running if r[3].poll() is not None]:
@@ -245,9 +248,9 @@ def launch(jobs, gpus, per_gpu, prepare=True):
                 if r[3].returncode:
                     failed.append((r[0], r[1], r[3].returncode))
             time.sleep(0.2)
-    except KeyboardInterrupt:  # the runs checkpoint and stop (they get the signal too, or it is passed on)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every run checkpoints and stops
         for r in running:
-            r[3].poll() is None and r[3].send_signal(2)
+            r[3].poll() is None and r[3].send_signal(signal.SIGINT)
         for r in running:
             r[3].wait()
         raise
@@ -277,6 +280,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the runs like Ctrl-C
     try:
         args, train_args = parse_args(sys.argv[1:] if argv is None else argv)
         if args.summarize:
