@@ -127,20 +127,25 @@ def _digest(path, algo="sha256"):
 
 def download(url, path, sha256=None, md5=None):
     """url -> path once, atomically (a .part file renamed at the end); a wrong checksum raises ValueError."""
-    if not os.path.exists(path):
+    if os.path.exists(path):
+        return path
+    made, folder = [], os.path.dirname(os.path.abspath(path))  # folders made here go again if the download fails
+    while not os.path.isdir(folder):
+        made, folder = [folder] + made, os.path.dirname(folder)
+    part = f"{path}.part{os.getpid()}"
+    try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        part = f"{path}.part{os.getpid()}"
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
-                for chunk in iter(lambda: r.read(1 << 20), b""):
-                    f.write(chunk)
-            for algo, want in (("sha256", sha256), ("md5", md5)):
-                if want and _digest(part, algo) != want:
-                    raise ValueError(f"checksum mismatch for {url}: expected {algo} {want}, got {_digest(part, algo)}")
-            os.replace(part, path)
-        finally:
-            os.path.exists(part) and os.remove(part)
-    return path
+        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                f.write(chunk)
+        for algo, want in (("sha256", sha256), ("md5", md5)):
+            if want and _digest(part, algo) != want:
+                raise ValueError(f"checksum mismatch for {url}: expected {algo} {want}, got {_digest(part, algo)}")
+        return os.replace(part, path) or path
+    finally:
+        os.path.exists(part) and os.remove(part)
+        for d in reversed(made if not os.path.exists(path) else []):
+            os.rmdir(d)
 
 class FeatureNet:
     """images [N, C, H, W] (uint8 or floats in [0, 255]) -> features [N, D] on the net's device. 'inception':
