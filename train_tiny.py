@@ -44,10 +44,19 @@ class OptionError(ValueError):
 # ---- Data: a dataset zip, a folder of images or the CIFAR-10 archive -> uint8 [N, 3, H, W] and labels
 
 def _decode(raw, path):
+    """{name: encoded bytes} -> uint8 [N, 3, H, W], decoded in threads (Pillow decodes without the GIL)."""
+    if not raw:
+        raise DataError(f"{path} holds no images ({', '.join(IMAGE_EXTS)})")
     import numpy as np
     from PIL import Image
-    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
-        imgs = list(pool.map(lambda b: np.asarray(Image.open(io.BytesIO(b)).convert("RGB")), raw, chunksize=256))
+
+    def one(name):
+        try:
+            return np.asarray(Image.open(io.BytesIO(raw[name])).convert("RGB"))
+        except OSError as e:
+            raise DataError(f"could not decode image {name}: {e}") from None
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        imgs = list(pool.map(one, raw, chunksize=256))
     if len({i.shape for i in imgs}) > 1:
         raise DataError(f"images in {path} have different sizes {sorted({i.shape for i in imgs})[:4]}; resize them")
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
@@ -59,17 +68,14 @@ def load_zip(path, limit=None):
             names = sorted(n for n in z.namelist() if n.lower().endswith(IMAGE_EXTS))[:limit]
             meta = json.loads(z.read("dataset.json")).get("labels") if "dataset.json" in z.namelist() else None
             labels = torch.tensor([dict(meta)[n] for n in names]) if meta else None
-            return (_decode([z.read(n) for n in names], path), labels) if names else (None, None)
+            return _decode({n: z.read(n) for n in names}, path), labels
     except (zipfile.BadZipFile, zlib.error, OSError, KeyError, ValueError) as e:
         raise DataError(f"could not read dataset zip {path}: {e}") from e
 
 def load_folder(path, limit=None):
     """Every image file under a folder, in sorted path order; no labels."""
     names = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
-    try:
-        return (_decode([open(n, "rb").read() for n in names[:limit]], path) if names else None), None
-    except OSError as e:
-        raise DataError(f"could not decode an image in {path}: {e}") from e
+    return _decode({n: open(n, "rb").read() for n in names[:limit]}, path), None
 
 def load_cifar10_archive(path, limit=None):
     """The official cifar-10-python.tar.gz -> its 50,000 training images and labels."""
@@ -100,8 +106,6 @@ def load_data(data=None, cache_dir="data", limit=None):
         return tuple(torch.load(cache, weights_only=True).values())
     images, labels = (load_cifar10_archive if data is None else load_folder if os.path.isdir(source) else load_zip)(
         source, limit)
-    if images is None:
-        raise DataError(f"{source} holds no images ({', '.join(IMAGE_EXTS)})")
     os.makedirs(cache_dir, exist_ok=True)
     speed._save_atomic({"images": images, "labels": labels}, cache)
     return images, labels
