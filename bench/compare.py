@@ -262,20 +262,21 @@ def parse_args(argv):
     p = train_tiny._Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                            allow_abbrev=False)
     p.add_argument("--strategies", required=True, type=lambda s: s.split(","), help="comma-separated; first = baseline")
-    p.add_argument("--seeds", default=[0], type=lambda s: [int(x) for x in s.split(",")], help="comma-separated seeds")
+    p.add_argument("--seeds", default=[0], help="comma-separated seeds", type=train_tiny._arg(
+        lambda s: [int(x) for x in s.split(",")], lambda v: min(v) >= 0, "comma-separated integers >= 0"))
     p.add_argument("--out", default=os.path.join("runs", "compare"), help="folder for the runs and the summary")
-    p.add_argument("--gpus", default=None, help="comma-separated GPU ids (default: all visible; none on a CPU)")
-    p.add_argument("--per-gpu", type=int, default=1, help="runs sharing one GPU (or the CPU) at once")
+    p.add_argument("--gpus", help="comma-separated GPU ids (default: all visible; none on a CPU)", type=train_tiny._arg(
+        lambda s: [int(x) for x in s.split(",")], lambda v: min(v) >= 0, "comma-separated GPU ids"))
+    p.add_argument("--per-gpu", type=train_tiny._arg(int, lambda v: v >= 1, "an integer >= 1"), default=1,
+                   help="runs sharing one GPU (or the CPU) at once")
     p.add_argument("--resume", action="store_true", help="continue unfinished runs, skip finished ones")
     p.add_argument("--summarize", action="store_true", help="only rebuild the summary from the runs' metrics")
     args = p.parse_args(own)
     clash = [a for a in train_args if a.split("=")[0] in PER_RUN]
     if clash:
         raise train_tiny.OptionError(f"{clash[0]}: set per run by compare (--strategies, --seeds, --out, --resume)")
-    if args.per_gpu < 1:
-        raise train_tiny.OptionError(f"--per-gpu {args.per_gpu}: valid: an integer >= 1")
     import torch
-    args.gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else list(range(torch.cuda.device_count()))
+    args.gpus = args.gpus if args.gpus is not None else list(range(torch.cuda.device_count()))
     return args, train_args
 
 
