@@ -1,0 +1,455 @@
+"""Tests of train_tiny.py (data, feature nets, one run, the command line) and bench/compare.py.
+
+Runs use a small generated dataset (8x8 images) and the micro UNet, so each takes seconds on a CPU; the
+tests of the real Inception network and the shared data skip where ../shared is absent. No test
+touches the network: downloads go to file:// URLs or are blocked.
+"""
+import hashlib
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import speed
+import train_tiny
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "bench"))
+import compare  # noqa: E402
+
+SHARED_INCEPTION = os.path.join(HERE, "..", "shared", "inception", "inception-fid-fp16.pt")
+needs_inception = pytest.mark.skipif(not os.path.exists(SHARED_INCEPTION), reason=f"needs {SHARED_INCEPTION}")
+TRAIN_TINY = os.path.join(HERE, "train_tiny.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}
+
+
+def _images(n, res=8, seed=0):
+    return torch.from_numpy(np.random.RandomState(seed).randint(0, 256, (n, 3, res, res), dtype=np.uint8))
+
+
+def _png(img):
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_zip(path, images, labels=None):
+    names = [f"{i:05d}.png" for i in range(len(images))]
+    with zipfile.ZipFile(path, "w") as z:
+        for name, img in zip(names, images):
+            z.writestr(name, _png(img))
+        if labels is not None:
+            z.writestr("dataset.json", json.dumps({"labels": [[n, int(c)] for n, c in zip(names, labels)]}))
+    return str(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and spin-waiting threads slow a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A 16-image 8x8 dataset zip with two classes, and one --cache shared by the runs of this module."""
+    d = tmp_path_factory.mktemp("data")
+    return dict(zip=_write_zip(d / "tiny.zip", _images(16), torch.arange(16) % 2), cache=str(d / "cache"))
+
+
+def _argv(data, out, *extra):
+    return ["--preset", "cpu", "--data", data["zip"], "--cache", data["cache"], "--out", str(out), "--quiet",
+            "--batch-size", "2", "--fid-model", "none", *extra]
+
+
+def _weights(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)["model"]
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+def test_load_zip_folder_and_cache(tmp_path, monkeypatch):
+    imgs = _images(5)
+    z = _write_zip(tmp_path / "d.zip", imgs, [3, 1, 4, 1, 5])
+    got, labels = train_tiny.load_zip(z)
+    assert torch.equal(got, imgs) and labels.tolist() == [3, 1, 4, 1, 5]
+    assert train_tiny.load_zip(z, limit=2)[0].shape == (2, 3, 8, 8)
+    folder = tmp_path / "f" / "sub"
+    folder.mkdir(parents=True)
+    for i, img in enumerate(imgs):
+        (folder / f"{i}.png").write_bytes(_png(img))
+    assert torch.equal(train_tiny.load_folder(str(tmp_path / "f"))[0], imgs)
+    cache = tmp_path / "cache"
+    first = train_tiny.load_data(z, str(cache), limit=3)
+    monkeypatch.setattr(train_tiny, "load_zip", lambda *a: 1 / 0)  # the second call reads the cache
+    assert torch.equal(train_tiny.load_data(z, str(cache), limit=3)[0], first[0])
+
+
+def test_data_errors(tmp_path, monkeypatch):
+    (tmp_path / "bad.zip").write_bytes(b"not a zip")
+    with pytest.raises(train_tiny.DataError, match="could not read dataset zip"):
+        train_tiny.load_data(str(tmp_path / "bad.zip"), str(tmp_path / "cache"))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.png").write_bytes(_png(_images(1)[0]))
+    (mixed / "b.png").write_bytes(_png(_images(1, res=4)[0]))
+    with pytest.raises(train_tiny.DataError, match="different sizes"):
+        train_tiny.load_folder(str(mixed))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(train_tiny.DataError, match="holds no images"):
+        train_tiny.load_data(str(tmp_path / "empty"), str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()  # nothing cached from failed reads
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("x")))
+    with pytest.raises(train_tiny.DataError, match="without internet pass --data"):
+        train_tiny.load_data(None, str(tmp_path / "c3" / "data"))
+    assert not (tmp_path / "c3").exists()  # a failed download leaves no folder behind
+
+
+def test_balanced_subset_is_fixed_and_balanced():
+    labels = torch.tensor([0, 0, 1, 2, 1, 0, 2, 1, 2, 2, 0, 1])
+    idx = train_tiny.balanced_subset(labels, 7)
+    assert idx.tolist() == [0, 1, 2, 3, 4, 5, 6]  # 3 of class 0, 2 of class 1, 2 of class 2, in dataset order
+    assert torch.bincount(labels[train_tiny.balanced_subset(labels, 6)]).tolist() == [2, 2, 2]
+    with pytest.raises(train_tiny.DataError, match="balanced"):
+        train_tiny.balanced_subset(labels, 13)
+    with pytest.raises(train_tiny.DataError, match="no labels"):
+        train_tiny.balanced_subset(None, 2)
+
+
+# ---- feature nets: stand-ins, then the real Inception network ------------------------------------
+
+class FakeInception(nn.Module):
+    """The StyleGAN2-ADA Inception's call convention; refuses non-uint8 input; 2048 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 2048, 1, bias=False)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        if img.dtype != torch.uint8:
+            raise RuntimeError("expected uint8 images")
+        return self.proj(img.float()).mean(dim=[2, 3])
+
+
+class FakeGeneric(nn.Module):
+    """A generic feature net: refuses non-float input; features (min, max, mean, channels)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            raise RuntimeError("expected float32 images")
+        f = x.reshape(x.shape[0], -1)
+        return torch.stack([f.amin(1), f.amax(1), f.mean(1), torch.full([x.shape[0]], float(x.shape[1]))], 1)
+
+
+def _script(module, path):
+    torch.jit.script(module).save(str(path))
+    return str(path)
+
+
+def _sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_inception_download_checksums_and_call(tmp_path):
+    src = _script(FakeInception(), tmp_path / "src.pt")
+    url = "file://" + src
+    with pytest.raises(ValueError, match="checksum"):  # a wrong pinned checksum: nothing left behind
+        train_tiny.load_feature_net("inception", str(tmp_path / "bad"), sha256="0" * 64, url=url)
+    assert not (tmp_path / "bad").exists()
+    net = train_tiny.load_feature_net("inception", str(tmp_path / "ok"), url=url)
+    assert net.kind == "inception" and (tmp_path / "ok" / "inception-2015-12-05.pt.sha256").read_text() == _sha(src)
+    imgs = _images(5)
+    want = torch.jit.load(src)(imgs, return_features=True)
+    torch.testing.assert_close(net(imgs), want)
+    torch.testing.assert_close(net(imgs.float()), want)  # floats in [0, 255] become the same uint8 pixels
+    assert net(imgs[:, :1]).shape == (5, 2048)           # grayscale is expanded to 3 channels
+    torch.testing.assert_close(train_tiny.compute_features(net, imgs, batch_size=2), want, rtol=1e-5, atol=1e-4)
+    with open(tmp_path / "ok" / "inception-2015-12-05.pt", "ab") as f:  # tampered after the first download
+        f.write(b"x")
+    with pytest.raises(ValueError, match="sha256"):
+        train_tiny.load_feature_net("inception", str(tmp_path / "ok"), url=url)
+
+
+def test_generic_net_reference_stats_cache_and_fd(tmp_path, monkeypatch):
+    net = train_tiny.load_feature_net(_script(FakeGeneric(), tmp_path / "fdnet.pt"))
+    assert net.kind == "generic"
+    imgs, other = _images(40, seed=1), _images(40, seed=2)
+    x = imgs.double().reshape(40, -1)
+    feats = torch.stack([x.amin(1), x.amax(1), x.mean(1), torch.full((40,), 3.0, dtype=torch.float64)], 1)
+    cache = tmp_path / "ref.pt"
+    mu, sigma = train_tiny.reference_stats(net, imgs, str(cache), batch_size=16)
+    torch.testing.assert_close(mu, feats.mean(0), rtol=1e-5, atol=0)  # features in float32, statistics in float64
+    torch.testing.assert_close(sigma, torch.cov(feats.T), rtol=1e-5, atol=1e-5)
+    calls = []
+    real = train_tiny.compute_features
+    monkeypatch.setattr(train_tiny, "compute_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    mu2, sigma2 = train_tiny.reference_stats(net, imgs, str(cache))  # cached: no features computed
+    assert calls == [] and torch.equal(mu, mu2) and torch.equal(sigma, sigma2)
+    train_tiny.reference_stats(net, other, str(cache))               # other data: another key
+    assert calls == [1]
+    ref = (mu, sigma, speed.sqrt_psd(sigma))
+    assert abs(train_tiny.fd_of_samples(net, imgs, ref)) < 1e-6 * float(sigma.trace())
+    assert train_tiny.fd_of_samples(net, other, ref) == pytest.approx(speed.frechet_distance(other_feats(other), ref))
+    with pytest.raises(ValueError, match="feature net"):
+        train_tiny.load_feature_net(str(tmp_path / "missing.pt"))
+
+
+def other_feats(imgs):
+    x = imgs.float().reshape(len(imgs), -1)
+    return torch.stack([x.amin(1), x.amax(1), x.mean(1), torch.full((len(imgs),), 3.0)], 1)
+
+
+@needs_inception
+def test_real_inception_on_two_images():
+    """The real FID network through load_feature_net (channels-last on the CPU) against a direct call."""
+    net = train_tiny.load_feature_net(SHARED_INCEPTION)
+    imgs = _images(2, res=32, seed=3)
+    feats = net(imgs)
+    want = torch.jit.load(SHARED_INCEPTION).eval()(imgs, return_features=True)
+    assert net.kind == "inception" and feats.shape == (2, 2048) and feats.dtype == torch.float32
+    assert torch.isfinite(feats).all() and (feats >= 0).all()  # pool3 features follow a ReLU
+    torch.testing.assert_close(feats, want, rtol=0.02, atol=0.02)  # the net runs in fp16 either way
+
+
+# ---- one run: seeds, resume, Ctrl-C --------------------------------------------------------------
+
+def test_same_seed_gives_bit_identical_weights(tmp_path, data):
+    for name in ("a", "b"):
+        assert train_tiny.main(_argv(data, tmp_path / name, "--steps", "3", "--seed", "3")) == 0
+    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+
+
+def test_strategies_of_one_seed_start_from_identical_weights(tmp_path, data, monkeypatch):
+    starts, real = {}, speed.train
+
+    def spy(model, images, schedule, strategy, **k):
+        starts[strategy.config["name"], k["seed"]] = {n: v.clone() for n, v in model.state_dict().items()}
+        return real(model, images, schedule, strategy, **k)
+
+    monkeypatch.setattr(speed, "train", spy)
+    for strategy, seed in [("speed", "3"), ("uniform", "3"), ("p2", "4")]:
+        torch.rand(7)  # other code drawing from the global RNG in between must not matter
+        assert train_tiny.main(_argv(data, tmp_path / strategy, "--steps", "1", "--seed", seed,
+                                     "--strategy", strategy)) == 0
+    assert _same(starts["speed", 3], starts["uniform", 3])
+    assert not _same(starts["uniform", 3], starts["p2", 4])
+
+
+def test_resume_of_another_experiment_is_refused(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    assert train_tiny.main(_argv(data, out, "--steps", "2")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["finished"] and m["steps"] == 2 and m["data"]["images"] == 16 and m["strategy_config"]["k"] == 5
+    capsys.readouterr()
+    for extra, field in [(["--strategy", "speed:k=2"], "strategy"), (["--lr", "0.01"], "lr"),
+                         (["--limit", "8"], "data"), (["--model", "tiny"], "model")]:
+        assert train_tiny.main(_argv(data, out, "--steps", "4", "--resume", *extra)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("train_tiny: --resume: ") and "another experiment" in err[0]
+        assert field in err[0]
+    assert train_tiny.main(_argv(data, out, "--steps", "4", "--resume")) == 0  # the same experiment continues
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+
+
+def test_ctrl_c_checkpoints_and_resume_matches_an_uninterrupted_run(tmp_path, data):
+    argv = lambda out, *x: [sys.executable, TRAIN_TINY, *_argv(data, out, "--steps", "150", "--evals", "30", *x)]  # noqa
+    whole = subprocess.Popen(argv(tmp_path / "whole"), env=ENV, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    cut = subprocess.Popen(argv(tmp_path / "cut"), env=ENV, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "cut" / "metrics.partial.json"
+    deadline = time.time() + 60
+    while not partial.exists() and cut.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    cut.send_signal(signal.SIGINT)  # after the first evaluation (step 5)
+    err = cut.communicate(timeout=60)[1].strip().splitlines()
+    step = json.loads(partial.read_text())["steps"]
+    assert cut.returncode == 130 and err[-1] == f"interrupted at step {step}; continue with --resume"
+    assert 5 <= step < 150 and torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"] == step
+    resumed = subprocess.run(argv(tmp_path / "cut", "--resume"), env=ENV, cwd=tmp_path, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert whole.wait(timeout=120) == 0
+    assert _same(_weights(tmp_path / "cut"), _weights(tmp_path / "whole"))
+    m = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert m["finished"] and m["steps"] == 150 and not (tmp_path / "cut" / "metrics.partial.json").exists()
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+BAD = [(["--strategy", "speed:k=0"], "--strategy speed:k=0: k "), (["--strategy", "speed:lam=2"], "lam"),
+       (["--strategy", "nonsense"], "--strategy nonsense: "), (["--strategy", "speed:foo=1"], "valid"),
+       (["--strategy", "speed:k"], "key=value"), (["--fid-model", "/etc/passwd"], "--fid-model /etc/passwd: "),
+       (["--fid-model", "missing.pt"], "no such file"), (["--device", "cuda:99"], "--device cuda:99: "),
+       (["--steps", "0"], "--steps"), (["--batch-size", "-1"], "--batch-size"), (["--lr", "0"], "--lr"),
+       (["--ema-decay", "1"], "--ema-decay"), (["--eval-samplers", "ddpm250,ddim0"], "--eval-samplers"),
+       (["--data", "nowhere.zip"], "--data nowhere.zip"), (["--resume"], "--resume: no checkpoint"),
+       (["--preset", "big"], "--preset"), (["--bogus"], "unrecognized")]
+
+
+@pytest.mark.parametrize("bad, says", BAD, ids=[" ".join(b) for b, _ in BAD])
+def test_bad_option_is_one_line_exit_2_and_creates_nothing(tmp_path, monkeypatch, capsys, bad, says):
+    monkeypatch.chdir(tmp_path)
+    assert train_tiny.main(["--quiet", *bad]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train_tiny: ") and says in err[0], err
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_options_as_subprocesses(tmp_path):
+    cases = [["--strategy", "speed:k=0"], ["--fid-model", "/etc/passwd"], ["--device", "cuda:99"]]
+    procs = [subprocess.Popen([sys.executable, TRAIN_TINY, *c], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in cases]
+    for c, p in zip(cases, procs):
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 2 and out == "" and err.count("\n") == 1 and err.startswith(f"train_tiny: {c[0]} ")
+    assert os.listdir(tmp_path) == []
+
+
+def test_cpu_default_says_what_runs_and_where_outputs_are(tmp_path, data, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert train_tiny.main(["--data", data["zip"], "--cache", data["cache"], "--quiet", "--batch-size", "2",
+                            "--steps", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("train_tiny: preset cpu: a smoke run") and "noise" in lines[0]
+    assert lines[-1] == f"train_tiny: outputs in {os.path.join('runs', 'speed')} (metrics.json, samples.png, ckpt.pt)"
+
+
+def test_evaluations_per_sampler_with_a_feature_net(tmp_path, data):
+    fdnet = _script(FakeGeneric(), tmp_path / "fdnet.pt")
+    out = tmp_path / "run"
+    assert train_tiny.main(_argv(data, out, "--steps", "4", "--evals", "2", "--fid-model", fdnet,
+                                 "--eval-samplers", "ddpm3,ddim2", "--eval-samples", "8", "--final-samples", "12")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["metric"] == "FD-fdnet" and list(m["evals"]) == ["ddpm3", "ddim2"]
+    assert all([s for s, _ in c] == [2, 4] and all(math.isfinite(f) for _, f in c) for c in m["evals"].values())
+    assert set(m["final"]) == {"ddpm3", "ddim2"} and m["final_samples"] == 12
+    assert torch.load(out / "ckpt.pt", weights_only=True)["extra"]["evals"] == m["evals"]
+    sub = tmp_path / "sub"  # --subset: a fixed class-balanced subset, the reference statistics of it
+    assert train_tiny.main(_argv(data, sub, "--steps", "2", "--evals", "1", "--subset", "6", "--fid-model", fdnet,
+                                 "--eval-samples", "4")) == 0
+    assert json.loads((sub / "metrics.json").read_text())["data"]["images"] == 6
+
+
+# ---- bench/compare.py: speed-ups, summary, launching ---------------------------------------------
+
+def test_steps_to_reach_interpolates_the_first_crossing():
+    steps = [100, 200, 300]
+    assert compare.steps_to_reach(steps, [10.0, 8.0, 4.0], 6.0) == 250.0
+    assert compare.steps_to_reach(steps, [10.0, 8.0, 4.0], 8.0) == 200.0
+    assert compare.steps_to_reach(steps, [5.0, 4.0, 3.0], 6.0) == 100.0
+    assert compare.steps_to_reach(steps, [10.0, 8.0, 4.0], 3.0) is None
+    assert compare.steps_to_reach([10, 20, 30, 40], [9.0, 5.0, 7.0, 3.0], 6.0) == 17.5  # first crossing
+    base_steps, base = [10, 20, 30, 40], [9.0, 7.0, 6.0, 5.5]
+    factor, need = compare.speedup(base_steps, base, [10, 20, 30, 40], [8.0, 4.0, 3.0, 2.0])
+    assert need == pytest.approx(10 + 10 * 2.5 / 4) and factor == pytest.approx(40 / need)
+    assert compare.speedup(base_steps, base, base_steps, base) == (1.0, 40.0)
+    assert compare.speedup(base_steps, base, base_steps, [9.0, 8.0, 7.0, 6.0]) == (None, None)
+
+
+def _fake_run(out, spec, seed, evals, final=None, finished=True):
+    d = compare.run_dir(str(out), spec, seed)
+    os.makedirs(d, exist_ok=True)
+    m = dict(strategy=spec, seed=seed, metric="FID", evals=evals, final=final, final_samples=100, finished=finished,
+             steps=max(s for c in evals.values() for s, _ in c), wall_s=1.0, data={}, device="cpu",
+             config=dict(eval_samples=50))
+    with open(os.path.join(d, "metrics.json" if finished else "metrics.partial.json"), "w") as f:
+        json.dump(m, f)
+
+
+def test_summary_per_sampler_per_seed_and_mean_curve(tmp_path):
+    c = lambda *fds: [[10 * (i + 1), f] for i, f in enumerate(fds)]  # noqa: E731
+    _fake_run(tmp_path, "uniform", 0, dict(ddpm=c(10, 8, 6, 4), ddim=c(12, 10, 9, 8)), final=dict(ddpm=3.5, ddim=7.5))
+    _fake_run(tmp_path, "uniform", 1, dict(ddpm=c(10, 8, 6, 6), ddim=c(12, 10, 9, 8)), final=dict(ddpm=3.9, ddim=7.9))
+    _fake_run(tmp_path, "speed", 0, dict(ddpm=c(8, 4, 3, 2), ddim=c(12, 11, 10, 9)), final=dict(ddpm=1.5, ddim=8.5))
+    _fake_run(tmp_path, "speed", 1, dict(ddpm=c(9, 5, 4), ddim=c(12, 11, 10)), finished=False)  # stopped at step 30
+    s = compare.summarize(str(tmp_path), ["uniform", "speed"], [0, 1], quiet=True)
+    assert s["samplers"] == ["ddpm", "ddim"] and s["curves"]["ddpm"]["uniform"]["steps"] == [10, 20, 30]
+    uni, sp = s["rows"]
+    assert uni["ddpm"]["speedup_mean_curve"] == 1.0 and uni["ddpm"]["final_mean"] == pytest.approx(3.7)
+    assert sp["ddpm"]["final_mean"] == pytest.approx((1.5 + 4) / 2)  # an unfinished run: its last evaluation
+    assert sp["ddpm"]["final_samples"] == [50, 100]
+    # uniform's mean curve 10, 8, 6 ends at 6; speed's mean 8.5, 4.5, 3.5 reaches 6 at 10 + 10 * 2.5 / 4
+    assert sp["ddpm"]["steps_to_base_final"] == pytest.approx(16.25)
+    assert sp["ddpm"]["speedup_mean_curve"] == pytest.approx(30 / 16.25)
+    # per seed, against the same seed's baseline: seed 0 reaches 6 at 10 + 10 * 2 / 4 = 15, seed 1 at 17.5
+    assert sp["ddpm"]["speedup_per_seed"] == {"0": pytest.approx(2.0), "1": pytest.approx(30 / 17.5)}
+    assert sp["ddim"]["speedup_mean_curve"] is None and sp["ddim"]["not_reached_seeds"] == 2
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert set(saved["runs"]) == {"uniform_s0", "uniform_s1", "speed_s0", "speed_s1"}
+    assert saved["runs"]["speed_s1"]["finished"] is False and saved["runs"]["speed_s1"]["evals"]["ddpm"][-1] == [30, 4]
+    table = (tmp_path / "compare.md").read_text()
+    assert "ddpm" in table and "ddim" in table and "1.85×" in table and (tmp_path / "compare.png").exists()
+
+
+def test_no_speedup_from_fewer_than_three_evaluations(tmp_path):
+    _fake_run(tmp_path, "uniform", 0, dict(ddim=[[10, 9.0], [20, 4.0]]))
+    _fake_run(tmp_path, "speed", 0, dict(ddim=[[10, 5.0], [20, 2.0]]))
+    s = compare.summarize(str(tmp_path), ["uniform", "speed"], [0], quiet=True)
+    for row in s["rows"]:
+        assert row["ddim"]["speedup_mean_curve"] is None and "at least 3" in row["ddim"]["note"]
+    assert "×" not in (tmp_path / "compare.md").read_text()
+
+
+def test_launch_packs_runs_per_gpu_and_reports_failures(tmp_path, monkeypatch):
+    fake = tmp_path / "fake.py"
+    fake.write_text("import json, os, sys, time\nd = sys.argv[sys.argv.index('--out') + 1]\ntime.sleep(0.3)\n"
+                    "json.dump(dict(gpu=os.environ.get('CUDA_VISIBLE_DEVICES'), omp=os.environ['OMP_NUM_THREADS'],\n"
+                    "               t=time.time()), open(os.path.join(d, 'env.json'), 'w'))\n"
+                    "sys.exit(3 if 'fail' in d else 0)\n")
+    monkeypatch.setattr(compare, "TRAIN_TINY", str(fake))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    jobs = [(f"s{i}", 0, str(tmp_path / ("fail" if i == 4 else f"r{i}")), ["--out", str(tmp_path / (
+        "fail" if i == 4 else f"r{i}"))]) for i in range(5)]
+    failed = compare.launch(jobs, gpus=[0, 1], per_gpu=2, prepare=False)
+    assert failed == [("s4", 0, 3)]
+    envs = [json.load(open(os.path.join(j[2], "env.json"))) for j in jobs]
+    assert [e["gpu"] for e in envs[:4]] == ["0", "0", "1", "1"] and envs[4]["gpu"] in ("0", "1")
+    assert {e["omp"] for e in envs} == {"2"}  # 8 cores over 4 slots
+    assert os.path.exists(tmp_path / "fail" / "log.txt")
+
+
+def test_compare_rejects_bad_options_before_any_run(tmp_path, monkeypatch, capsys, data):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(compare, "launch", lambda *a, **k: 1 / 0)
+    for argv, says in [(["--strategies", "uniform,nonsense"], "--strategy nonsense"),
+                       (["--strategies", "uniform", "--", "--steps", "0"], "--steps"),
+                       (["--strategies", "uniform", "--", "--seed", "1"], "--seed: set per run"),
+                       (["--strategies", "uniform", "--per-gpu", "0"], "--per-gpu")]:
+        assert compare.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("compare: ") and says in err[0], err
+    assert os.listdir(tmp_path) == []
+
+
+def test_compare_end_to_end_then_resume_skips_finished_runs(tmp_path, data, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fdnet = _script(FakeGeneric(), tmp_path / "fdnet.pt")
+    run_args = ["--preset", "cpu", "--data", data["zip"], "--cache", data["cache"], "--batch-size", "2", "--steps", "6",
+                "--evals", "3", "--fid-model", fdnet, "--eval-samplers", "ddpm3,ddim2", "--eval-samples", "8"]
+    argv = ["--strategies", "uniform,speed", "--seeds", "0", "--out", "cmp", "--per-gpu", "2", "--", *run_args]
+    assert compare.main(argv) == 0
+    s = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert set(s["runs"]) == {"uniform_s0", "speed_s0"} and s["samplers"] == ["ddpm3", "ddim2"]
+    assert all([st for st, _ in r["evals"]["ddim2"]] == [2, 4, 6] for r in s["runs"].values())
+    assert s["rows"][0]["ddpm3"]["speedup_mean_curve"] == 1.0
+    launched = []
+    monkeypatch.setattr(compare, "launch", lambda jobs, *a, **k: launched.extend(jobs) or [])
+    assert compare.main(argv) == 2                     # finished runs there: --resume or another --out
+    assert compare.main(["--resume", *argv]) == 0 and launched == []
