@@ -4,7 +4,7 @@
 
 The README's speed-up (the issue's definition) asks when each curve reaches the baseline's *final*
 value, which hangs on one noisy last evaluation. Reaching several levels on the mean curves (linearly
-interpolated between evaluations: train_tiny.steps_to_levels) shows where a strategy is ahead
+interpolated between evaluations: compare.steps_to_levels) shows where a strategy is ahead
 or behind along the way. Writes reach_levels.md next to compare.json.
 """
 import argparse
@@ -12,8 +12,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from train_tiny import steps_to_levels  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare import steps_to_levels  # noqa: E402  (bench/compare.py)
 
 
 def table(summary, levels):
