@@ -12,17 +12,7 @@ weighting, 6 strategies (SpeeD and the baselines), 7 loss. Part II, a small test
 9 training loop, 10 samplers, 11 Frechet distance. Plain PyTorch tensors; copy any section.
 """
 
-from __future__ import annotations
-
-import contextlib
-import copy
-import inspect
-import json
-import math
-import os
-import signal
-import threading
-import time
+import contextlib, copy, inspect, json, math, os, signal, threading, time  # noqa: E401
 from dataclasses import dataclass, field
 
 import torch
@@ -49,9 +39,7 @@ def _is_num(x, lo=-math.inf, hi=math.inf):
 def _check_choice(name, value, choices):
     _check(value in choices, f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
-# ================================================================================================
-# PART I: THE METHOD
-# ================================================================================================
+# ============================================ PART I: THE METHOD ================================================
 # 1. Schedule: the discrete DDPM forward process (Ho et al. 2020, eq. 4)
 #    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,   abar_t = prod_{s<=t} (1 - beta_s)
 # ------------------------------------------------------------------------------------------------
@@ -66,13 +54,11 @@ class Schedule:
     _on_device: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_betas(cls, betas):
-        """Build a schedule from any 1-D sequence of betas in (0, 1)."""
+    def from_betas(cls, betas):  # any 1-D sequence of betas in (0, 1)
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
         _check(betas.ndim == 1 and betas.numel() >= 2, f"betas must be 1-D of length T >= 2; got {tuple(betas.shape)}")
         _check(bool(((betas > 0) & (betas < 1)).all()), "betas must lie in the open interval (0, 1)")
-        alphas = 1.0 - betas
-        return cls(betas, alphas, torch.cumprod(alphas, 0), betas.numel())
+        return cls(betas, 1.0 - betas, torch.cumprod(1.0 - betas, 0), betas.numel())
 
     @property
     def snr(self):  # signal-to-noise ratio abar_t / (1 - abar_t)
@@ -82,12 +68,10 @@ class Schedule:
     def sigma(self):  # EDM's noise level sqrt((1 - abar_t) / abar_t) = SNR_t^(-1/2)
         return self.snr.rsqrt()
 
-    def scales(self, device):
-        """(sqrt(abar_t), sqrt(1 - abar_t)): the signal and noise scales, float32 on `device`, cached."""
+    def scales(self, device):  # (sqrt(abar_t), sqrt(1 - abar_t)): signal and noise scales, float32, cached
         key = str(torch.device(device))
         if key not in self._on_device:
-            self._on_device[key] = (self.alpha_bar.sqrt().float().to(device),
-                                    (1.0 - self.alpha_bar).sqrt().float().to(device))
+            self._on_device[key] = (self.alpha_bar.sqrt().float().to(device), (1 - self.alpha_bar).sqrt().float().to(device))
         return self._on_device[key]
 
 def make_schedule(kind="linear", T=1000):
@@ -161,8 +145,7 @@ class Areas:
     T: int
     rate: torch.Tensor
 
-    def label(self, t):
-        """0 = acceleration, 1 = deceleration, 2 = convergence, for each t (int or tensor)."""
+    def label(self, t):  # 0 = acceleration, 1 = deceleration, 2 = convergence, for each t
         t = torch.as_tensor(t)
         return (t >= self.t_peak).long() + (t >= self.tau).long()
 
@@ -176,7 +159,7 @@ class Areas:
 def find_areas(schedule, threshold=0.1):
     """Linear schedule, T = 1000: t_peak = 219, tau = 698 (the paper rounds to 700); cosine:
     tau = 979. If the rate never falls below the threshold, tau = T - 1."""
-    _check(_is_num(threshold) and threshold > 0, f"threshold must be a number > 0; got {threshold!r}")
+    _check_threshold(threshold)
     g, T = change_rate(schedule), schedule.T
     t_peak = int(g.argmax())
     below = ((torch.arange(T) > t_peak) & (g * T < threshold)).nonzero()
@@ -189,6 +172,9 @@ def find_areas(schedule, threshold=0.1):
 
 def _check_tau(tau, T):
     _check(_is_int(tau, 1, T - 1), f"tau must be an integer in [1, T-1] = [1, {T - 1}]; got {tau!r}")
+
+def _check_threshold(threshold):
+    _check(_is_num(threshold) and threshold > 0, f"threshold must be a number > 0; got {threshold!r}")
 
 def speed_probs(T, tau, k=5):
     """P(t), float64 of length T, summing to 1. k = 1 is uniform."""
@@ -244,22 +230,19 @@ class Strategy:
         self._probs, self._weights, self._eps_space, self._tables = probs / probs.sum(), weights, eps_space, {}
 
     @property
-    def probs(self):
-        """P(a sampled step = t), float64 on the CPU."""
+    def probs(self):  # P(a sampled step = t), float64 on the CPU
         if self.dual_m is None:
             return self._probs.clone()
         return (self._probs + torch.zeros_like(self._probs).index_add_(0, (torch.arange(self.T) - self.dual_m).abs(),
                                                                        self._probs)) / 2
 
-    def weights(self, target="eps"):
-        """w(t) for `target`, float64 of length T."""
+    def weights(self, target="eps"):  # w(t) for `target`, float64 of length T
         _check_choice("target", target, TARGETS)
         w = self._weights if self._weights is not None else torch.ones(self.T, dtype=torch.float64)
         snr = self.schedule.snr
         return w * {"eps": 1.0, "x0": snr, "v": snr / (snr + 1)}[target] if self._eps_space else w.clone()
 
-    def _table(self, device, target):
-        """(CDF of P, w) on `device`, built once."""
+    def _table(self, device, target):  # (CDF of P, w) on `device`, built once
         if (str(device), target) not in self._tables:
             cdf = self._probs.cumsum(0)
             self._tables[str(device), target] = ((cdf / cdf[-1]).to(device), self.weights(target).float().to(device))
@@ -277,8 +260,7 @@ class Strategy:
         t = t if self.dual_m is None else torch.cat([t, (t - self.dual_m).abs()])[:n]
         return t, w[t]
 
-    def weight_of(self, t, target="eps"):
-        """Weights of given steps t (a LongTensor), on t's device."""
+    def weight_of(self, t, target="eps"):  # weights of given steps t, on t's device
         return self._table(t.device, target)[1][t]
 
     def area_shares(self, areas, target="eps"):
@@ -287,14 +269,11 @@ class Strategy:
         s = torch.bincount(areas.label(torch.arange(self.T)), weights=self.probs * self.weights(target), minlength=3)
         return dict(zip(AREA_NAMES, (s / s.sum()).tolist()))
 
-    def state_dict(self):
+    def state_dict(self):  # a strategy with state (loss-aware) saves it with the checkpoint
         return {}
 
     def load_state_dict(self, state):
         pass
-
-    def __repr__(self):
-        return f"Strategy({self.config})"
 
 class LossAwareStrategy(Strategy):
     """Loss-aware importance sampling (improved DDPM, Nichol & Dhariwal 2021, Sec. 3.3): P(t) ~
@@ -318,16 +297,13 @@ class LossAwareStrategy(Strategy):
         cdf = p.cumsum(0)
         return cdf / cdf[-1], (1.0 / (self.T * p)).float()
 
-    @property
-    def probs(self):
-        return self._current(self.losses.device).cpu()
+    probs = property(lambda self: self._current(self.losses.device).cpu())
 
     def weights(self, target="eps"):
         _check_choice("target", target, TARGETS)
         return 1.0 / (self.T * self.probs)
 
-    def update(self, t, losses):
-        """Record per-sample unweighted losses of steps t in a ring buffer per step (no host sync)."""
+    def update(self, t, losses):  # per-sample unweighted losses of steps t into a ring buffer per step
         _check(torch.is_tensor(t) and torch.is_tensor(losses) and t.ndim == 1 and t.shape == losses.shape,
                "t and losses must be 1-D tensors of the same length")
         self._current(t.device)
@@ -352,6 +328,7 @@ def speed_strategy(schedule, k=5, tau=None, lam=0.6, dual=False, threshold=0.1):
     """SpeeD: asymmetric sampling (k, tau) and change-aware weighting (lam; None: no weighting).
     tau=None takes find_areas(schedule, threshold).tau. dual: the official code's dual sampling."""
     _check(isinstance(dual, bool), f"dual must be True or False; got {dual!r}")
+    _check_threshold(threshold)
     tau = find_areas(schedule, threshold).tau if tau is None else tau
     config = dict(name="speed", k=k, tau=tau, lam=lam, dual=dual, threshold=threshold)
     return Strategy(config, schedule, speed_probs(schedule.T, tau, k),
@@ -394,6 +371,7 @@ def loss_aware_strategy(schedule, history=10, uniform_mix=1e-3):
 
 def speedit_strategy(schedule, k=5, tau=None, threshold=0.1, p2_k=1.0, p2_gamma=1.0):
     """The early public "SpeeDiT" recipe: SpeeD's k:1 asymmetric sampling with P2 weighting."""
+    _check_threshold(threshold)
     tau = find_areas(schedule, threshold).tau if tau is None else tau
     config = dict(name="speedit", k=k, tau=tau, threshold=threshold, p2_k=p2_k, p2_gamma=p2_gamma)
     return Strategy(config, schedule, speed_probs(schedule.T, tau, k), _p2_weights(schedule, p2_k, p2_gamma), eps_space=True)
@@ -421,8 +399,7 @@ def diffusion_loss(model, x0, schedule, strategy=None, *, t=None, w=None, noise=
                    generator=None, **model_kwargs):
     """(loss, info). Steps t and weights w are drawn from `strategy` unless given; info holds t, the
     per-sample unweighted MSE (detached; for per-area curves and loss-aware sampling) and w."""
-    _check(torch.is_tensor(x0) and x0.is_floating_point() and x0.ndim >= 2,
-           "x0 must be a float tensor with a batch dimension, e.g. [N, C, H, W]")
+    _check(torch.is_tensor(x0) and x0.is_floating_point() and x0.ndim >= 2, "x0 must be a float tensor [N, C, H, W]")
     _check_choice("target", target, TARGETS)
     _check_schedule(schedule)
     _check(strategy is None or (isinstance(strategy, Strategy) and strategy.T == schedule.T),
@@ -432,27 +409,20 @@ def diffusion_loss(model, x0, schedule, strategy=None, *, t=None, w=None, noise=
         _check(strategy is not None and w is None, "pass a strategy, or t (and optionally w)")
         t, w = strategy.sample(n, x0.device, generator, target=target)
     else:
-        _check(torch.is_tensor(t) and not t.is_floating_point() and t.shape == (n,),
-               f"t must be an integer tensor of shape [{n}]")
-        _check(t.device.type == "cuda" or bool(((t >= 0) & (t < schedule.T)).all()),
-               f"t must lie in [0, T-1] = [0, {schedule.T - 1}]")
+        _check(torch.is_tensor(t) and not t.is_floating_point() and t.shape == (n,), f"t must be an integer tensor [{n}]")
+        _check(t.is_cuda or bool(((t >= 0) & (t < schedule.T)).all()), f"t must lie in [0, T-1] = [0, {schedule.T - 1}]")
         if w is None:
             w = strategy.weight_of(t, target) if strategy is not None else torch.ones(n, device=x0.device)
     if noise is None:
-        gdev = generator.device if generator is not None else x0.device
-        noise = torch.randn(x0.shape, generator=generator, device=gdev).to(x0.device)
-    sa, s1a = schedule.scales(x0.device)
-    shape = (n,) + (1,) * (x0.ndim - 1)
-    a, s = sa[t].view(shape), s1a[t].view(shape)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device if generator is None else generator.device).to(x0.device)
+    a, s = (c[t].view(-1, *[1] * (x0.ndim - 1)) for c in schedule.scales(x0.device))
     x0 = x0.float()
     goal = {"eps": noise, "x0": x0, "v": a * noise - s * x0}[target]
     out = model(a * x0 + s * noise, t, **model_kwargs)
     mse = ((out.float() - goal) ** 2).flatten(1).mean(1)
     return (w * mse).mean(), {"t": t, "mse": mse.detach(), "w": w}
 
-# ================================================================================================
-# PART II: A SMALL TESTBED
-# ================================================================================================
+# ========================================== PART II: A SMALL TESTBED ============================================
 # 8. Network: a compact DDPM UNet (Ho et al. 2020, App. B; scale-shift conditioning from improved
 #    DDPM). Sinusoidal time embedding -> MLP; residual blocks with GroupNorm and SiLU; self-attention
 #    at the resolutions in attn_res; skip connections from each encoder level to the decoder.
@@ -472,7 +442,7 @@ def _zero(module):  # zero-initialised output layers: every block starts as the 
     nn.init.zeros_(module.bias)
     return module
 
-class ResBlock(nn.Module):
+class ResBlock(nn.Module):  # GroupNorm-SiLU-conv twice, the time embedding added (or scale-shift) in between
     def __init__(self, cin, cout, emb_dim, dropout, scale_shift):
         super().__init__()
         self.scale_shift = scale_shift
@@ -483,16 +453,12 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x, emb):
-        h = self.conv1(F.silu(self.norm1(x)))
-        e = rearrange(self.emb(F.silu(emb)), "b c -> b c 1 1")
-        if self.scale_shift:
-            scale, shift = e.chunk(2, dim=1)
-            h = self.norm2(h) * (1 + scale) + shift
-        else:
-            h = self.norm2(h + e)
+        h, e = self.conv1(F.silu(self.norm1(x))), rearrange(self.emb(F.silu(emb)), "b c -> b c 1 1")
+        scale, shift = e.chunk(2, dim=1) if self.scale_shift else (None, None)
+        h = self.norm2(h) * (1 + scale) + shift if self.scale_shift else self.norm2(h + e)
         return self.skip(x) + self.conv2(self.drop(F.silu(h)))
 
-class Attention(nn.Module):
+class Attention(nn.Module):  # multi-head self-attention over the pixels, residual
     def __init__(self, c, heads):
         super().__init__()
         self.heads, self.norm = heads, _norm(c)
@@ -507,9 +473,7 @@ class Upsample(nn.Conv2d):
     def forward(self, x):
         return super().forward(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
-class EmbSequential(nn.ModuleList):
-    """Layers applied in order; residual blocks also get the embedding."""
-
+class EmbSequential(nn.ModuleList):  # layers in order; residual blocks also get the embedding
     def forward(self, x, emb):
         for layer in self:
             x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
@@ -525,9 +489,7 @@ class UNet(nn.Module):
         _check(_is_int(ch, 2) and ch % 2 == 0, f"ch must be an even integer >= 2; got {ch!r}")
         _check(len(ch_mult) >= 1 and _is_int(num_blocks, 1), "ch_mult must be non-empty and num_blocks >= 1")
         _check(img_res % 2 ** (len(ch_mult) - 1) == 0, f"img_res must be divisible by 2^(len(ch_mult)-1); got {img_res}")
-        self.config = dict(img_channels=img_channels, img_res=img_res, ch=ch, ch_mult=list(ch_mult), num_blocks=num_blocks,
-                           attn_res=list(attn_res), dropout=dropout, num_classes=num_classes, heads=heads,
-                           scale_shift=scale_shift)
+        self.config = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items() if k not in ("self", "__class__")}
         self.ch, emb_dim = ch, 4 * ch
         block = lambda cin, cout: ResBlock(cin, cout, emb_dim, dropout, scale_shift)  # noqa: E731
         attn = lambda c, res: [Attention(c, heads)] if res in attn_res else []  # noqa: E731
@@ -592,8 +554,7 @@ def make_unet(size="tiny", **overrides):
 def pick_precision(device, precision="auto"):
     """'bf16' on GPUs with compute capability >= 8, 'fp16' on older GPUs, 'fp32' on the CPU."""
     _check_choice("precision", precision, ("auto", "bf16", "fp16", "fp32"))
-    device = torch.device(device)
-    if precision != "auto" or device.type != "cuda":
+    if precision != "auto" or torch.device(device).type != "cuda":
         return precision if precision != "auto" else "fp32"
     return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
@@ -601,17 +562,12 @@ def _autocast(device, precision):  # no cast-weight cache: it would go stale ins
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(torch.device(device).type, dtype or torch.float32, enabled=dtype is not None, cache_enabled=False)
 
-def _default_device():
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if dist.is_initialized() else torch.cuda.current_device())
-
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    """ema <- decay ema + (1 - decay) model for the parameters (decay: float or 0-d tensor); buffers copied."""
+    """ema <- decay ema + (1 - decay) model for the parameters (decay: float or 0-d tensor; no host
+    sync); buffers are copied."""
     e = list(ema.parameters())
-    diff = torch._foreach_sub([p.detach() for p in model.parameters()], e)
-    torch._foreach_add_(e, torch._foreach_mul(diff, 1.0 - decay))  # e + (1 - decay)(m - e); no host sync
+    torch._foreach_add_(e, torch._foreach_mul(torch._foreach_sub([p.detach() for p in model.parameters()], e), 1 - decay))
     for be, bm in zip(ema.buffers(), model.buffers()):
         be.copy_(bm)
 
@@ -621,8 +577,8 @@ def ema_decay_at(step, ema_decay):
 
 class Replayer:
     """Calls fn(). With graph=True the first `warmup` calls run eagerly on a side stream, the next is
-    captured in a CUDA graph, and later calls replay it. fn must read and write only tensors that
-    outlive it; `generators` are the custom RNGs it draws from."""
+    captured in a CUDA graph and later calls replay it. fn may only touch tensors that outlive it;
+    `generators` are the custom RNGs it draws from."""
 
     def __init__(self, fn, graph=False, generators=(), warmup=3, stream=None):
         self.fn, self.graph, self.generators, self.warmup, self.calls, self.cuda_graph = fn, graph, generators, warmup, 0, None
@@ -660,8 +616,7 @@ class TrainResult:
     interrupted: bool = False
 
 def _epoch_order(n, seed, epoch, device):
-    """Permutation and flip flags of one epoch, a function of (seed, epoch) alone: the same data order
-    for every strategy and rank, and after a resume."""
+    """Permutation and flip flags of one epoch, a function of (seed, epoch) alone."""
     g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g, device=device), torch.rand(n, generator=g, device=device) < 0.5
 
@@ -670,34 +625,34 @@ def _save_atomic(obj, path):
     os.replace(f"{path}.tmp{os.getpid()}", path)
 
 def _plain(x, what):
-    """x as plain JSON values (numpy scalars become numbers), so that torch.load(weights_only=True) reads it."""
+    """x as plain JSON values (numpy scalars become numbers): what torch.load(weights_only=True) reads."""
     def number(v):
-        _check(getattr(v, "size", 0) == 1 and hasattr(v, "item"), f"{what} may hold only numbers, strings, lists and "
-                                                                   f"dicts; got {type(v).__name__}")
+        _check(getattr(v, "size", 0) == 1 and hasattr(v, "item"), f"{what} may hold only numbers, strings, lists "
+                                                                   f"and dicts; got {type(v).__name__}")
         return v.item()
     return json.loads(json.dumps(x, default=number))
 
-def _save_checkpoint(path, step, model, ema, opt, scaler, strategy, gens, history, extra, experiment):
+def _save_checkpoint(path, parts, gens, **state):
+    """parts' state_dicts, the RNG states and `state` (step, history, extra, ...), written atomically."""
     rng = dict(gens=[g.get_state() for g in gens], cpu=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state(gens[0].device) if gens[0].device.type == "cuda" else None)
-    _save_atomic(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), scaler=scaler.state_dict(),
-                      step=step, strategy=strategy.state_dict(), rng=rng, history=history,
-                      extra=_plain(extra, "result.extra"), experiment=experiment), path)
+    _save_atomic({**{k: v.state_dict() for k, v in parts.items()}, "rng": rng, **state}, path)
 
-def _load_checkpoint(path, model, ema, opt, scaler, strategy, gens, experiment):
+def _load_checkpoint(path, parts, gens, experiment):
+    """Restores parts and RNGs from a checkpoint of the same experiment; returns the whole checkpoint."""
     ck = torch.load(path, map_location="cpu", weights_only=True)
     before = ck.get("experiment", {})
     differ = [f"{k}: {before.get(k)!r} there, {experiment.get(k)!r} now" for k in sorted(experiment.keys() | before.keys())
               if experiment.get(k) != before.get(k)]
     _check(not differ, f"checkpoint {path} is of another experiment; differing: {'; '.join(differ)}")
-    for obj, key in ((model, "model"), (ema, "ema"), (opt, "opt"), (scaler, "scaler"), (strategy, "strategy")):
-        obj.load_state_dict(ck[key])
-    for g, state in zip(gens, ck["rng"]["gens"]):
-        g.set_state(state)
+    for k, v in parts.items():
+        v.load_state_dict(ck[k])
+    for g, s in zip(gens, ck["rng"]["gens"]):
+        g.set_state(s)
     torch.set_rng_state(ck["rng"]["cpu"])
     if ck["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(ck["rng"]["cuda"], gens[0].device)
-    return ck["step"], ck["history"], ck["extra"]
+    return ck
 
 class _StopOnSignal:
     """SIGINT / SIGTERM set `requested` (the loop stops after the current step); a second one raises."""
@@ -717,7 +672,7 @@ class _StopOnSignal:
             signal.signal(s, handler)
 
 def _any_rank(flag, device, world):
-    """True on every rank if `flag` is True on any (one tiny all-reduce; nothing on one process)."""
+    """True on every rank if `flag` is True on any (one small all-reduce; nothing on one process)."""
     if world == 1:
         return flag
     t = torch.tensor(float(flag), device=device)
@@ -725,36 +680,38 @@ def _any_rank(flag, device, world):
     return bool(t.item())
 
 def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, warmup=500, grad_clip=1.0,
-          weight_decay=0.0, ema_decay=0.9999, target="eps", labels=None, precision="auto", graph=True, compile=False, flip=True,
-          seed=0, device=None, log_every=100, callback=None, callback_every=0, ckpt_path=None, ckpt_minutes=5.0,
-          resume=True, experiment=None, progress=True):
+          weight_decay=0.0, ema_decay=0.9999, target="eps", labels=None, precision="auto", graph=True, compile=False,
+          flip=True, seed=0, device=None, log_every=100, callback=None, callback_every=0, ckpt_path=None,
+          ckpt_minutes=5.0, resume=True, experiment=None, progress=True):
     """Train `model` (called as model(x_t, t) or model(x_t, t, y=labels)) on uint8 images [N, C, H, W].
 
     callback(result) runs every callback_every steps and after the last, on rank 0; True stops
     training. With ckpt_path, a checkpoint is written every ckpt_minutes, at a stop, on SIGINT or
     SIGTERM (then result.interrupted) and at the end; resume=True continues it if it is of the same
     experiment (these settings, strategy.config, the model's shapes, the caller's `experiment` dict).
-    graph: one CUDA graph per step on a GPU; compile: torch.compile the network first (fewer, fused
-    kernels inside that graph). Seeds the global RNG (dropout) with `seed`."""
+    graph: one CUDA graph per step on a GPU; compile: torch.compile the network inside it (fewer,
+    fused kernels). Seeds the global RNG (dropout) with `seed`."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     _check(isinstance(model, nn.Module) and len(list(model.parameters())) > 0, "model must be an nn.Module with parameters")
     _check(torch.is_tensor(images) and images.dtype == torch.uint8 and images.ndim == 4, "images must be uint8 [N, C, H, W]")
-    _check(_is_int(steps, 1), f"steps must be an integer >= 1; got {steps!r}")
-    _check(_is_int(batch_size, 1, len(images)) and batch_size % world == 0,
-           f"batch_size must be an integer in [1, {len(images)}] divisible by the {world} rank(s); got {batch_size!r}")
-    _check(_is_num(lr) and lr > 0, f"lr must be a number > 0; got {lr!r}")
-    _check(_is_int(warmup, 0), f"warmup must be an integer >= 0; got {warmup!r}")
-    _check(_is_num(grad_clip, 0), f"grad_clip must be a number >= 0 (0: no clipping); got {grad_clip!r}")
-    _check(_is_num(ema_decay, 0) and ema_decay < 1, f"ema_decay must be in [0, 1); got {ema_decay!r}")
     _check(labels is None or (torch.is_tensor(labels) and labels.shape == (len(images),)), "labels must be None or [N]")
     _check(isinstance(strategy, Strategy) and strategy.T == schedule.T, "strategy must come from make_strategy with the schedule's T")
     _check_choice("target", target, TARGETS)
-    device = torch.device(device) if device is not None else _default_device()
+    for name, ok, valid in (("steps", _is_int(steps, 1), "an integer >= 1"), ("lr", _is_num(lr) and lr > 0, "a number > 0"),
+                            ("batch_size", _is_int(batch_size, 1, len(images)) and batch_size % world == 0,
+                             f"an integer in [1, {len(images)}] divisible by the {world} rank(s)"),
+                            ("warmup", _is_int(warmup, 0), "an integer >= 0"), ("log_every", _is_int(log_every, 1), "an integer >= 1"),
+                            ("grad_clip", _is_num(grad_clip, 0), "a number >= 0 (0: no clipping)"),
+                            ("ema_decay", _is_num(ema_decay, 0) and ema_decay < 1, "a number in [0, 1)"),
+                            ("ckpt_minutes", _is_num(ckpt_minutes, 0), "a number >= 0")):
+        _check(ok, f"{name} must be {valid}; got {locals()[name]!r}")
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     precision = pick_precision(device, precision)
     graph = graph and device.type == "cuda" and precision != "fp16"  # fp16's GradScaler syncs with the host
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
-    # model, EMA, AdamW (a tensor lr under a graph), RNGs for steps and noise (dropout: global RNG)
+    # model, EMA, AdamW (a tensor lr under a graph), RNGs for steps and noise (dropout: the global one)
     model = model.to(device, memory_format=fmt)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     lr_now = torch.tensor(lr, device=device) if graph else lr
@@ -763,29 +720,32 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     gens = [torch.Generator(device=device).manual_seed(seed + 1), torch.Generator(device=device).manual_seed(seed + 2)]
     torch.manual_seed(seed)
-    net = model
-    side = torch.cuda.Stream(device) if graph else None  # warm-up and capture stream (DDP is built on it too)
+    net, side = model, torch.cuda.Stream(device) if graph else None  # side: warm-up and capture (and DDP's) stream
     if world > 1:
         with torch.cuda.stream(side) if graph else contextlib.nullcontext():
             net = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None)
     net = torch.compile(net) if compile else net
 
-    # the experiment's identity, and the checkpoint to continue
-    experiment = _plain(dict(batch_size=batch_size, seed=seed, lr=lr, warmup=warmup, grad_clip=grad_clip,
+    # the experiment's identity; the checkpoint to continue (with the partial log sums)
+    experiment = _plain(dict(batch_size=batch_size, seed=seed, lr=lr, warmup=warmup, grad_clip=grad_clip, flip=flip,
                              weight_decay=weight_decay, ema_decay=ema_decay, target=target, world_size=world,
                              schedule=[schedule.T, round(float(schedule.alpha_bar.sum()), 9)], strategy=strategy.config,
                              model=[type(model).__name__, [list(p.shape) for p in model.parameters()]],
                              **(experiment or {})), "experiment")
+    parts = dict(model=model, ema=ema, opt=opt, scaler=scaler, strategy=strategy)
+    sums, counts = torch.zeros(4, device=device), torch.zeros(4, device=device)  # loss, then MSE per area
     start, history, extra = 0, [], {}
     if ckpt_path and resume and os.path.exists(ckpt_path):
-        start, history, extra = _load_checkpoint(ckpt_path, model, ema, opt, scaler, strategy, gens, experiment)
+        ck = _load_checkpoint(ckpt_path, parts, gens, experiment)
+        start, history, extra = ck["step"], ck["history"], ck["extra"]
+        sums.copy_(ck["sums"]), counts.copy_(ck["counts"])
         opt.param_groups[0]["lr"] = lr_now
 
     # the step: reads static inputs (batch indices, flips, lr, EMA decay), writes on the device only
     images, labels = images.to(device), labels.to(device) if labels is not None else None
     areas, per_epoch, b = find_areas(schedule), len(images) // batch_size, batch_size // world
     idx, flipped = torch.zeros(b, dtype=torch.long, device=device), torch.zeros(b, dtype=torch.bool, device=device)
-    decay, sums, counts = torch.zeros((), device=device), torch.zeros(4, device=device), torch.zeros(4, device=device)
+    decay = torch.zeros((), device=device)
 
     def step_fn():
         opt.zero_grad(set_to_none=True)
@@ -807,8 +767,7 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
         ema_update(ema, model, decay)
         if isinstance(strategy, LossAwareStrategy):
             strategy.update(t, info["mse"])
-        sums[0] += loss.detach()                                    # loss, then the MSE of each area
-        counts[0] += 1
+        sums[0], counts[0] = sums[0] + loss.detach(), counts[0] + 1
         sums.index_add_(0, areas.label(t) + 1, info["mse"])
         counts.index_add_(0, areas.label(t) + 1, torch.ones_like(info["mse"]))
 
@@ -824,8 +783,7 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
                 epoch = step // per_epoch
                 order, flips = _epoch_order(len(images), seed, epoch, device)
             batch = order[(step % per_epoch) * batch_size:][:batch_size][rank * b:][:b]
-            idx.copy_(batch)
-            flipped.copy_(flips[batch])
+            idx.copy_(batch), flipped.copy_(flips[batch])
             value = lr * min(1.0, (step + 1) / warmup) if warmup else lr
             opt.param_groups[0]["lr"] = lr_now.fill_(value) if graph else value
             decay.fill_(ema_decay_at(step, ema_decay))
@@ -833,12 +791,10 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
             done = result.step = step + 1
             bar.update(1)
 
-            # logs (the only host sync), then callback, stop requests and checkpoints
+            # logs (the only host sync), then the callback, stop requests and checkpoints
             if done % log_every == 0 or done == steps:
-                if world > 1:
-                    dist.all_reduce(sums)
-                    dist.all_reduce(counts)
-                s, c = (sums / counts.clamp(min=1)).tolist(), counts.tolist()
+                total = torch.stack([sums, counts]) if world == 1 else _all_sum(torch.stack([sums, counts]))
+                s, c = (total[0] / total[1].clamp(min=1)).tolist(), total[1].tolist()
                 _check(math.isfinite(s[0]), f"loss became {s[0]} at step {done}: lower lr (now {lr}) or use precision='fp32'")
                 now = time.perf_counter()
                 history.append(dict(step=done, loss=s[0], img_per_s=(done - tick_step) * batch_size / max(now - tick, 1e-9),
@@ -855,7 +811,8 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
             result.interrupted = signals.requested
             stop = _any_rank(stop or signals.requested, device, world)
             if ckpt_path and rank == 0 and (stop or done == steps or time.time() - saved_at > 60 * ckpt_minutes):
-                _save_checkpoint(ckpt_path, done, model, ema, opt, scaler, strategy, gens, history, extra, experiment)
+                _save_checkpoint(ckpt_path, parts, gens, step=done, history=history, extra=_plain(extra, "result.extra"),
+                                 experiment=experiment, sums=sums.cpu(), counts=counts.cpu())
                 saved_at = time.time()
             if stop:
                 break
@@ -864,6 +821,11 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
     bar.close()
     model.eval()
     return result
+
+def _all_sum(t):  # the sum over ranks of a tensor (a copy)
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
 
 # ------------------------------------------------------------------------------------------------
 # 10. Samplers: DDIM (Song et al. 2021, eq. 12) over evenly respaced steps, with eta; eta = 1 is
@@ -890,6 +852,7 @@ def ddim_sample(model, schedule, n, shape=(3, 32, 32), steps=50, eta=0.0, target
     _check(_is_num(eta, 0, 1), f"eta must be in [0, 1]; got {eta!r}")
     _check(_is_int(batch_size, 1), f"batch_size must be an integer >= 1; got {batch_size!r}")
     _check_choice("target", target, TARGETS)
+    _check(labels is None or (torch.is_tensor(labels) and labels.shape == (n,)), f"labels must be None or a tensor [{n}]")
     if device is None:
         p = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
         _check(p is not None, "model has no parameters to take the device from: pass device=")

@@ -757,8 +757,6 @@ def test_make_strategy_rejects_bad_options(fn, match):
     raises(fn, match)
 
 
-@pytest.mark.xfail(strict=True, reason="speed.py bug: with tau given, speed_strategy and speedit_strategy never "
-                                       "validate threshold and store the bad value in .config")
 @pytest.mark.parametrize("name", ["speed", "speedit"])
 def test_threshold_is_validated_when_tau_is_given(name):
     raises(lambda: speed.make_strategy(name, LIN, tau=500, threshold=-1), "threshold")
@@ -1182,9 +1180,6 @@ def test_train_second_sigint_raises_keyboard_interrupt(tmp_path):
         _train_small(steps=3, callback=interrupt_twice, callback_every=1)
 
 
-@pytest.mark.xfail(strict=True, reason="speed.py bug: the per-interval loss sums are not checkpointed, so after "
-                                       "an interruption between log points the next logged loss averages only "
-                                       "the steps run since the resume")
 def test_train_history_after_interrupt_between_log_points_equals_uninterrupted(tmp_path):
     def interrupt(result):
         if result.step == 5:
@@ -1207,16 +1202,12 @@ def test_train_rejects_bad_arguments(kw, match):
     raises(lambda: speed.train(tiny_unet(), uint8_images(64), sch, speed.make_strategy("uniform", sch), **args), match)
 
 
-@pytest.mark.xfail(strict=True, reason="speed.py bug: log_every is not validated; log_every=0 raises "
-                                       "ZeroDivisionError after the first step instead of ValueError")
 def test_train_rejects_log_every_0():
     sch = speed.make_schedule("linear", 24)
     raises(lambda: speed.train(tiny_unet(), uint8_images(16), sch, speed.make_strategy("uniform", sch), steps=1,
                                log_every=0, **TRAIN_KW), "log_every")
 
 
-@pytest.mark.xfail(strict=True, reason="speed.py bug: flip (data augmentation) is not part of the stored "
-                                       "experiment, so a resume with another flip is silently accepted")
 def test_train_resume_refuses_another_flip(tmp_path):
     sch, ck = speed.make_schedule("linear", 24), str(tmp_path / "ck.pt")
     speed.train(tiny_unet(), uint8_images(16), sch, speed.make_strategy("uniform", sch), steps=1, ckpt_path=ck,
@@ -1398,8 +1389,6 @@ def test_samplers_reject_bad_arguments(fn, match):
     raises(fn, match)
 
 
-@pytest.mark.xfail(strict=True, reason="speed.py bug: ddim_sample does not check labels; a wrong length fails "
-                                       "inside the loop with a RuntimeError about tensor sizes")
 def test_sampler_rejects_labels_of_the_wrong_length():
     raises(lambda: speed.ddim_sample(GaussOracle(0, 1, _S60), _S60, 4, shape=(1, 2, 2), steps=5,
                                      labels=torch.tensor([0, 1])), "labels")
