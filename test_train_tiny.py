@@ -331,6 +331,16 @@ def test_cpu_default_says_what_runs_and_where_outputs_are(tmp_path, data, monkey
     assert lines[-1] == f"train_tiny: outputs in {os.path.join('runs', 'speed')} (metrics.json, samples.png, ckpt.pt)"
 
 
+def test_h100_preset_compiles_unless_no_compile(tmp_path, data, monkeypatch):
+    parse = lambda *a: train_tiny.parse_args(["--fid-model", "none", "--out", str(tmp_path), *a])  # noqa: E731
+    assert parse("--preset", "h100").compile and not parse("--preset", "h100", "--no-compile").compile
+    assert not parse("--preset", "t4").compile and not parse("--preset", "cpu").compile
+    seen, real = [], speed.train
+    monkeypatch.setattr(speed, "train", lambda *a, **k: seen.append(k["compile"]) or real(*a, **k))
+    assert train_tiny.main(_argv(data, tmp_path / "run", "--steps", "1")) == 0
+    assert seen == [False]  # only on a GPU
+
+
 def test_evaluations_per_sampler_with_a_feature_net(tmp_path, data):
     fdnet = _script(FakeGeneric(), tmp_path / "fdnet.pt")
     out = tmp_path / "run"

@@ -158,8 +158,8 @@ def load_feature_net(name_or_path="inception", cache_dir=None, sha256=None, kind
         try:
             download(url, path, sha256 or INCEPTION_SHA256)
         except OSError as e:
-            raise RuntimeError(f"could not download the Inception network from {url} ({e}); without internet "
-                               f"put inception-2015-12-05.pt in {os.path.dirname(path)} or pass a file path") from e
+            raise DataError(f"could not download the Inception network from {url} ({e}); without internet "
+                            f"put inception-2015-12-05.pt in {os.path.dirname(path)} or pass a file path") from e
     elif not os.path.isfile(path):
         raise ValueError(f"feature net {path!r} is neither 'inception' nor an existing file")
     with open(path, "rb") as f:
