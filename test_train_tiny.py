@@ -90,30 +90,30 @@ def _same(a, b):
 def test_load_zip_folder_and_cache(tmp_path, monkeypatch):
     imgs = _images(5)
     z = _write_zip(tmp_path / "d.zip", imgs, [3, 1, 4, 1, 5])
-    got, labels = train_tiny.load_zip(z)
+    got, labels = train_tiny.read_images(z)
     assert torch.equal(got, imgs) and labels.tolist() == [3, 1, 4, 1, 5]
-    assert train_tiny.load_zip(z, limit=2)[0].shape == (2, 3, 8, 8)
+    assert train_tiny.read_images(z, limit=2)[0].shape == (2, 3, 8, 8)
     folder = tmp_path / "f" / "sub"
     folder.mkdir(parents=True)
     for i, img in enumerate(imgs):
         (folder / f"{i}.png").write_bytes(_png(img))
-    assert torch.equal(train_tiny.load_folder(str(tmp_path / "f"))[0], imgs)
+    assert torch.equal(train_tiny.read_images(str(tmp_path / "f"))[0], imgs)
     cache = tmp_path / "cache"
     first = train_tiny.load_data(z, str(cache), limit=3)
-    monkeypatch.setattr(train_tiny, "load_zip", lambda *a: 1 / 0)  # the second call reads the cache
+    monkeypatch.setattr(train_tiny, "read_images", lambda *a: 1 / 0)  # the second call reads the cache
     assert torch.equal(train_tiny.load_data(z, str(cache), limit=3)[0], first[0])
 
 
 def test_data_errors(tmp_path, monkeypatch):
     (tmp_path / "bad.zip").write_bytes(b"not a zip")
-    with pytest.raises(train_tiny.DataError, match="could not read dataset zip"):
+    with pytest.raises(train_tiny.DataError, match="could not read"):
         train_tiny.load_data(str(tmp_path / "bad.zip"), str(tmp_path / "cache"))
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "a.png").write_bytes(_png(_images(1)[0]))
     (mixed / "b.png").write_bytes(_png(_images(1, res=4)[0]))
     with pytest.raises(train_tiny.DataError, match="different sizes"):
-        train_tiny.load_folder(str(mixed))
+        train_tiny.read_images(str(mixed))
     (tmp_path / "empty").mkdir()
     with pytest.raises(train_tiny.DataError, match="holds no images"):
         train_tiny.load_data(str(tmp_path / "empty"), str(tmp_path / "cache"))
@@ -182,7 +182,7 @@ def test_inception_download_checksums_and_call(tmp_path):
     torch.testing.assert_close(net(imgs), want)
     torch.testing.assert_close(net(imgs.float()), want)  # floats in [0, 255] become the same uint8 pixels
     assert net(imgs[:, :1]).shape == (5, 2048)           # grayscale is expanded to 3 channels
-    torch.testing.assert_close(train_tiny.compute_features(net, imgs, batch_size=2), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(net(imgs, batch_size=2), want, rtol=1e-5, atol=1e-4)
     with open(tmp_path / "ok" / "inception-2015-12-05.pt", "ab") as f:  # tampered after the first download
         f.write(b"x")
     with pytest.raises(ValueError, match="sha256"):
@@ -196,12 +196,12 @@ def test_generic_net_reference_stats_cache_and_fd(tmp_path, monkeypatch):
     x = imgs.double().reshape(40, -1)
     feats = torch.stack([x.amin(1), x.amax(1), x.mean(1), torch.full((40,), 3.0, dtype=torch.float64)], 1)
     cache = tmp_path / "ref.pt"
-    mu, sigma = train_tiny.reference_stats(net, imgs, str(cache), batch_size=16)
+    mu, sigma = train_tiny.reference_stats(net, imgs, str(cache))
     torch.testing.assert_close(mu, feats.mean(0), rtol=1e-5, atol=0)  # features in float32, statistics in float64
     torch.testing.assert_close(sigma, torch.cov(feats.T), rtol=1e-5, atol=1e-5)
     calls = []
-    real = train_tiny.compute_features
-    monkeypatch.setattr(train_tiny, "compute_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = train_tiny.FeatureNet.__call__
+    monkeypatch.setattr(train_tiny.FeatureNet, "__call__", lambda *a, **k: calls.append(1) or real(*a, **k))
     mu2, sigma2 = train_tiny.reference_stats(net, imgs, str(cache))  # cached: no features computed
     assert calls == [] and torch.equal(mu, mu2) and torch.equal(sigma, sigma2)
     train_tiny.reference_stats(net, other, str(cache))               # other data: another key
@@ -329,6 +329,16 @@ def test_cpu_default_says_what_runs_and_where_outputs_are(tmp_path, data, monkey
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("train_tiny: preset cpu: a smoke run") and "noise" in lines[0]
     assert lines[-1] == f"train_tiny: outputs in {os.path.join('runs', 'speed')} (metrics.json, samples.png, ckpt.pt)"
+
+
+def test_h100_preset_compiles_unless_no_compile(tmp_path, data, monkeypatch):
+    parse = lambda *a: train_tiny.parse_args(["--fid-model", "none", "--out", str(tmp_path), *a])  # noqa: E731
+    assert parse("--preset", "h100").compile and not parse("--preset", "h100", "--no-compile").compile
+    assert not parse("--preset", "t4").compile and not parse("--preset", "cpu").compile
+    seen, real = [], speed.train
+    monkeypatch.setattr(speed, "train", lambda *a, **k: seen.append(k["compile"]) or real(*a, **k))
+    assert train_tiny.main(_argv(data, tmp_path / "run", "--steps", "1")) == 0
+    assert seen == [False]  # only on a GPU
 
 
 def test_evaluations_per_sampler_with_a_feature_net(tmp_path, data):

@@ -4,17 +4,20 @@
     python train_tiny.py --data ../shared/data/cifar10-train-jpeg75.zip --strategy speed:k=2:lam=0.5 --seed 1
     python train_tiny.py --preset t4                    # a Colab T4 budget (fp16)
     python train_tiny.py --resume                       # continue after Ctrl-C (which checkpoints first)
+    torchrun --nproc_per_node=2 train_tiny.py           # one model on 2 GPUs, data-parallel (--batch-size: global)
 
 Writes to --out: metrics.json (FD curve per sampler), samples.png, ckpt.pt. Comparisons: bench/compare.py.
 """
-import argparse, ast, hashlib, io, json, os, pickle, re, sys, tarfile, time, urllib.request, zipfile, zlib  # noqa: E401
+import argparse, ast, functools, hashlib, io, json, os, pickle, re, sys, tarfile, time  # noqa: E401
+import urllib.request, zipfile, zlib  # noqa: E401
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.distributed as dist
 
 import speed
 
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared")
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared")  # the project's offline copies
 SHARED_ZIP = os.path.join(SHARED, "data", "cifar10-train-jpeg75.zip")
 SHARED_INCEPTION = os.path.join(SHARED, "inception", "inception-fid-fp16.pt")
 CIFAR10_URL, CIFAR10_MD5 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
@@ -22,12 +25,12 @@ INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrain
 INCEPTION_SHA256 = None  # not pinned: the first download records its sha256, later loads check it
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MICRO = dict(ch=16, ch_mult=(1, 2), num_blocks=1, attn_res=(16,), dropout=0.0)  # the CPU smoke model
-PRESETS = {  # h100: about 6 minutes on one H100; t4: about 10 on a Colab T4 (fp16); cpu: seconds
-    "h100": dict(model="tiny", steps=10000, batch_size=128, lr=5e-4, warmup=200, ema_decay=0.999, evals=5,
-                 eval_samples=5000, final_samples=10000, eval_samplers="ddim25", limit=None, fid_model="inception",
-                 about="the quick check (tiny UNet, 10k steps): FID of DDIM-25 samples, 5k while training, 10k at the end"),
-    "t4": dict(model="tiny", steps=2000, batch_size=64, lr=5e-4, warmup=200, ema_decay=0.995, evals=4,
-               eval_samples=2000, final_samples=0, eval_samplers="ddim25", limit=None, fid_model="inception",
+DEFAULTS = dict(lr=5e-4, warmup=200, eval_samplers="ddim25", limit=None, fid_model="inception", compile=False)
+PRESETS = {  # options left unset take their preset's value, else DEFAULTS'
+    "h100": dict(model="tiny", steps=10000, batch_size=128, ema_decay=0.999, evals=5, eval_samples=5000,
+                 final_samples=10000, compile=True, about="the quick check (tiny UNet, 10k steps, about 6 minutes on "
+                 "an H100): FID of DDIM-25 samples, 5k while training, 10k at the end"),
+    "t4": dict(model="tiny", steps=2000, batch_size=64, ema_decay=0.995, evals=4, eval_samples=2000, final_samples=0,
                about="a Colab T4 budget (tiny UNet, 2k steps, fp16): FID of 2k DDIM-25 samples, far from converged"),
     "cpu": dict(model="micro", steps=20, batch_size=8, lr=1e-3, warmup=5, ema_decay=0.9, evals=2, eval_samples=64,
                 final_samples=0, eval_samplers="ddim5", limit=64, fid_model="none",
@@ -45,8 +48,6 @@ class OptionError(ValueError):
 
 def _decode(raw, path):
     """{name: encoded bytes} -> uint8 [N, 3, H, W], decoded in threads (Pillow decodes without the GIL)."""
-    if not raw:
-        raise DataError(f"{path} holds no images ({', '.join(IMAGE_EXTS)})")
     import numpy as np
     from PIL import Image
 
@@ -57,39 +58,33 @@ def _decode(raw, path):
             raise DataError(f"could not decode image {name}: {e}") from None
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
         imgs = list(pool.map(one, raw, chunksize=256))
-    if len({i.shape for i in imgs}) > 1:
-        raise DataError(f"images in {path} have different sizes {sorted({i.shape for i in imgs})[:4]}; resize them")
+    if len(shapes := {i.shape for i in imgs}) != 1:
+        raise DataError(f"images in {path} have different sizes {sorted(shapes)[:4]}; resize them" if imgs else
+                        f"{path} holds no images ({', '.join(IMAGE_EXTS)})")
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
 
-def load_zip(path, limit=None):
-    """EDM/StyleGAN dataset zip: images plus an optional dataset.json {"labels": [[name, label], ...]}."""
+def read_images(path, limit=None):
+    """The first `limit` images, uint8 [N, 3, H, W], and labels (or None) of a folder of images (no labels), the
+    CIFAR-10 python archive (.tar.gz) or an EDM/StyleGAN dataset zip (labels from an optional dataset.json)."""
+    if os.path.isdir(path):
+        names = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
+        return _decode({n: open(n, "rb").read() for n in names[:limit]}, path), None
     try:
+        if path.endswith(".tar.gz"):
+            with tarfile.open(path, "r:gz") as tar:
+                ds = [pickle.load(tar.extractfile(f"cifar-10-batches-py/data_batch_{i}"), encoding="bytes") for i in range(1, 6)]
+            return (torch.cat([torch.tensor(d[b"data"], dtype=torch.uint8).view(-1, 3, 32, 32) for d in ds])[:limit],
+                    torch.cat([torch.tensor(d[b"labels"]) for d in ds])[:limit])
         with zipfile.ZipFile(path) as z:
             names = sorted(n for n in z.namelist() if n.lower().endswith(IMAGE_EXTS))[:limit]
-            meta = json.loads(z.read("dataset.json")).get("labels") if "dataset.json" in z.namelist() else None
-            labels = torch.tensor([dict(meta)[n] for n in names]) if meta else None
-            return _decode({n: z.read(n) for n in names}, path), labels
-    except (zipfile.BadZipFile, zlib.error, OSError, KeyError, ValueError) as e:
-        raise DataError(f"could not read dataset zip {path}: {e}") from e
-
-def load_folder(path, limit=None):
-    """Every image file under a folder, in sorted path order; no labels."""
-    names = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
-    return _decode({n: open(n, "rb").read() for n in names[:limit]}, path), None
-
-def load_cifar10_archive(path, limit=None):
-    """The official cifar-10-python.tar.gz -> its 50,000 training images and labels."""
-    try:
-        with tarfile.open(path, "r:gz") as tar:
-            ds = [pickle.load(tar.extractfile(f"cifar-10-batches-py/data_batch_{i}"), encoding="bytes") for i in range(1, 6)]
-        return (torch.cat([torch.tensor(d[b"data"], dtype=torch.uint8).view(-1, 3, 32, 32) for d in ds])[:limit],
-                torch.cat([torch.tensor(d[b"labels"]) for d in ds])[:limit])
-    except (tarfile.TarError, EOFError, KeyError, OSError, pickle.UnpicklingError, zlib.error, ValueError) as e:
-        raise DataError(f"CIFAR-10 archive {path} is corrupt or truncated ({e}); delete it and retry") from e
+            meta = dict(json.loads(z.read("dataset.json"))["labels"] or {}) if "dataset.json" in z.namelist() else {}
+            return _decode({n: z.read(n) for n in names}, path), torch.tensor([meta[n] for n in names]) if meta else None
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, pickle.UnpicklingError, zlib.error, OSError, KeyError,
+            ValueError) as e:
+        raise DataError(f"could not read {path} ({e}): not a dataset zip or CIFAR-10 archive, or a truncated one") from e
 
 def load_data(data=None, cache_dir="data", limit=None):
-    """uint8 images [N, 3, H, W] and labels (or None) of a zip, a folder or (None) CIFAR-10, downloaded;
-    decoded once, then read from a cache in cache_dir."""
+    """read_images of `data` or (None) of CIFAR-10, downloaded once; decoded once, then read from cache_dir."""
     source = data or os.path.join(cache_dir, "cifar-10-python.tar.gz")
     try:
         data is None and download(CIFAR10_URL, source, md5=CIFAR10_MD5)
@@ -97,15 +92,12 @@ def load_data(data=None, cache_dir="data", limit=None):
         hint = f" (here: --data {os.path.relpath(SHARED_ZIP)})" if os.path.exists(SHARED_ZIP) else ""
         raise DataError(f"could not download CIFAR-10 from {CIFAR10_URL} ({e}); without internet pass --data "
                         f"PATH, a dataset zip or a folder of images{hint}") from e
-    if not os.path.exists(source):
-        raise DataError(f"--data {data}: no such file or folder")
-    st = os.stat(source)
-    cache = os.path.join(cache_dir, f"decoded-{os.path.basename(os.path.abspath(source))}-{st.st_size}-"
-                                    f"{int(st.st_mtime)}-{limit}.pt")
-    if os.path.exists(cache):
+    st = os.stat(source) if os.path.exists(source) else None  # the cache is named by the source file and the limit
+    cache = st and os.path.join(cache_dir, f"decoded-{os.path.basename(os.path.abspath(source))}-{st.st_size}-"
+                                           f"{int(st.st_mtime)}-{limit}.pt")
+    if cache and os.path.exists(cache):
         return tuple(torch.load(cache, weights_only=True).values())
-    images, labels = (load_cifar10_archive if data is None else load_folder if os.path.isdir(source) else load_zip)(
-        source, limit)
+    images, labels = read_images(source, limit)
     os.makedirs(cache_dir, exist_ok=True)
     speed._save_atomic({"images": images, "labels": labels}, cache)
     return images, labels
@@ -113,8 +105,7 @@ def load_data(data=None, cache_dir="data", limit=None):
 def balanced_subset(labels, n):
     """Indices of a fixed class-balanced subset of n images (each class's first images in dataset order)."""
     classes = labels.unique().tolist() if labels is not None else []
-    idx = [torch.nonzero(labels == c).flatten()[:n // len(classes) + (i < n % len(classes))]
-           for i, c in enumerate(classes)]
+    idx = [torch.nonzero(labels == c).flatten()[:n // len(classes) + (i < n % len(classes))] for i, c in enumerate(classes)]
     if sum(map(len, idx)) < n:
         raise DataError(f"--subset {n}: the data has no labels or too few images of a class for a balanced subset")
     return torch.cat(idx).sort().values
@@ -125,53 +116,41 @@ def data_digest(images):
 
 # ---- Metric: feature nets (Inception for FID), their download, reference statistics, FD of samples
 
-def _digest(path, algo="sha256"):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, algo).hexdigest()
-
 def download(url, path, sha256=None, md5=None):
-    """url -> path once, atomically (a .part file renamed at the end); a wrong checksum raises ValueError."""
-    if os.path.exists(path):
-        return path
-    made, folder = [], os.path.dirname(os.path.abspath(path))  # folders made here go again if the download fails
-    while not os.path.isdir(folder):
-        made, folder = [folder] + made, os.path.dirname(folder)
-    part = f"{path}.part{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
-            for chunk in iter(lambda: r.read(1 << 20), b""):
-                f.write(chunk)
+    """url -> path once; checked (a wrong checksum raises ValueError) before anything is written."""
+    if not os.path.exists(path):
+        with urllib.request.urlopen(url, timeout=60) as r:
+            raw = r.read()
         for algo, want in (("sha256", sha256), ("md5", md5)):
-            if want and _digest(part, algo) != want:
-                raise ValueError(f"checksum mismatch for {url}: expected {algo} {want}, got {_digest(part, algo)}")
-        return os.replace(part, path) or path
-    finally:
-        os.path.exists(part) and os.remove(part)
-        for d in reversed(made if not os.path.exists(path) else []):
-            os.rmdir(d)
+            if want and hashlib.new(algo, raw).hexdigest() != want:
+                raise ValueError(f"checksum mismatch for {url}: expected {algo} {want}, got {hashlib.new(algo, raw).hexdigest()}")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(f"{path}.part{os.getpid()}", "wb") as f:
+            f.write(raw)
+        os.replace(f"{path}.part{os.getpid()}", path)
+    return path
 
 class FeatureNet:
-    """images [N, C, H, W] (uint8 or floats in [0, 255]) -> features [N, D] on the net's device. 'inception':
-    the StyleGAN2-ADA/EDM TorchScript Inception, net(uint8, return_features=True), 2048-d (it resizes to 299),
-    under fp16 autocast on a GPU; 'generic': net(floats). Both run channels-last (NHWC convolutions are faster)."""
+    """images [N, C, H, W] (uint8 or floats in [0, 255]) -> features [N, D] (float32) on the net's device, 500 at a
+    time. 'inception': the StyleGAN2-ADA/EDM TorchScript Inception, net(uint8, return_features=True), 2048-d (it
+    resizes to 299), under fp16 autocast on a GPU; 'generic': net(floats). Channels-last (faster convolutions)."""
 
     def __init__(self, net, kind="generic", name="net", device="cpu"):
-        if kind not in ("inception", "generic"):
-            raise ValueError(f"kind must be 'inception' or 'generic'; got {kind!r}")
-        self.net, self.kind, self.name, self.device = net.to(device, memory_format=torch.channels_last), kind, name, \
-            torch.device(device)
+        self.kind, self.name, self.device = kind, name, torch.device(device)
+        self.net = net.to(device, memory_format=torch.channels_last)
 
     @torch.no_grad()
-    def __call__(self, images):
-        x = images.to(self.device).expand(-1, 3, -1, -1)
-        if self.kind == "generic":
-            return self.net(x.float()).float()
-        with torch.autocast("cuda", torch.float16, enabled=self.device.type == "cuda"):
-            return self.net(x.round().clamp(0, 255).to(torch.uint8), return_features=True).float()
+    def __call__(self, images, batch_size=500):
+        out = []
+        for x in images.split(batch_size):
+            x = x.to(self.device).expand(-1, 3, -1, -1)
+            with torch.autocast("cuda", torch.float16, enabled=self.kind == "inception" and self.device.type == "cuda"):
+                out.append(self.net(x.float()) if self.kind == "generic" else
+                           self.net(x.round().clamp(0, 255).to(torch.uint8), return_features=True))
+        return torch.cat(out).float()
 
 def load_feature_net(name_or_path="inception", cache_dir=None, sha256=None, kind=None, device="cpu", url=INCEPTION_URL):
-    """'inception' -> the standard FID Inception-v3, downloaded into cache_dir once (its sha256 recorded and
+    """'inception' -> the standard FID Inception-v3, downloaded into cache_dir once (its sha256 recorded then, and
     checked on later loads); a path -> that TorchScript file, kind 'inception' if its name starts so."""
     path = name_or_path
     if path == "inception":
@@ -179,63 +158,53 @@ def load_feature_net(name_or_path="inception", cache_dir=None, sha256=None, kind
         try:
             download(url, path, sha256 or INCEPTION_SHA256)
         except OSError as e:
-            raise RuntimeError(f"could not download the Inception network from {url} ({e}); without internet "
-                               f"put inception-2015-12-05.pt in {os.path.dirname(path)} or pass a file path") from e
+            raise DataError(f"could not download the Inception network from {url} ({e}); without internet "
+                            f"put inception-2015-12-05.pt in {os.path.dirname(path)} or pass a file path") from e
     elif not os.path.isfile(path):
         raise ValueError(f"feature net {path!r} is neither 'inception' nor an existing file")
-    digest, stamp = _digest(path), path + ".sha256"
+    with open(path, "rb") as f:
+        digest, stamp = hashlib.file_digest(f, "sha256").hexdigest(), path + ".sha256"
     want = sha256 or (open(stamp).read().strip() if os.path.exists(stamp) else None)
-    if want is not None and digest != want:
+    if want not in (None, digest):
         raise ValueError(f"{path} has sha256 {digest}, expected {want}")
-    if want is None and name_or_path == "inception":
-        open(stamp, "w").write(digest)
+    want or name_or_path != "inception" or open(stamp, "w").write(digest)
     kind = kind or ("inception" if os.path.basename(path).startswith("inception") else "generic")
-    return FeatureNet(torch.jit.load(path, map_location="cpu").eval(), kind, f"{os.path.basename(path)}:{digest[:12]}",
-                      device)
+    net = torch.jit.load(path, map_location="cpu").eval()
+    return FeatureNet(net, kind, f"{os.path.basename(path)}:{digest[:12]}", device)
 
-def compute_features(net, images, batch_size=500):
-    """Features [N, D] (float32, on the net's device) of images [N, C, H, W], batch_size at a time."""
-    return torch.cat([net(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-
-def reference_stats(net, images, cache_path=None, batch_size=500):
-    """(mean, covariance) of a data set's features on the net's device, cached in cache_path under a key of
-    the net and the data, so it is computed once per (net, data)."""
+def reference_stats(net, images, cache_path=None):
+    """(mean, covariance) of a data set's features on the net's device, cached in cache_path per (net, data)."""
     key = f"{net.name}|{len(images)}|{data_digest(images)}"
     cached = torch.load(cache_path, weights_only=True) if cache_path and os.path.exists(cache_path) else {}
     if cached.get("key") == key:
         return cached["mu"].to(net.device), cached["sigma"].to(net.device)
-    mu, sigma = speed.feature_stats(compute_features(net, images, batch_size))
+    mu, sigma = speed.feature_stats(net(images))
     if cache_path:
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
         speed._save_atomic({"key": key, "mu": mu.cpu(), "sigma": sigma.cpu()}, cache_path)
     return mu, sigma
 
-def fd_of_samples(net, samples, ref, batch_size=500):
+def fd_of_samples(net, samples, ref):
     """Frechet distance of samples to a reference (mu, sigma[, sqrt_psd(sigma)]), on the reference's device."""
-    return speed.frechet_distance(compute_features(net, samples, batch_size), ref)
+    return speed.frechet_distance(net(samples), ref)
 
 # ---- One run: strategy and samplers from their option strings, training with evaluations, metrics
 
-def parse_strategy(spec):
-    """'speed:k=2:lam=none' -> ('speed', {'k': 2, 'lam': None}); values: none, true/false, numbers, words."""
+def make_strategy(spec, schedule):
+    """'speed:k=2:lam=none' -> speed.make_strategy('speed', schedule, k=2, lam=None), its errors as OptionError."""
     name, *items = spec.split(":")
     if not all("=" in i for i in items):
         raise OptionError(f"--strategy {spec}: options are written name:key=value:key=value")
-    return name, {k: _value(v) for k, v in (i.split("=", 1) for i in items)}
+    try:
+        return speed.make_strategy(name, schedule, **{k: _value(v) for k, v in (i.split("=", 1) for i in items)})
+    except (ValueError, TypeError) as e:
+        raise OptionError(f"--strategy {spec}: {' '.join(str(e).split())}") from None
 
-def _value(text):
-    try:  # a Python literal (none, true and false in any case), else the word itself
+def _value(text):  # a Python literal (none, true and false in any case), else the word itself
+    try:
         return ast.literal_eval({"none": "None", "true": "True", "false": "False"}.get(text.lower(), text))
     except (ValueError, SyntaxError):
         return text
-
-def make_strategy(spec, schedule):
-    """The strategy of a --strategy value; speed's ValueError (it names the option) becomes an OptionError."""
-    name, options = parse_strategy(spec)
-    try:
-        return speed.make_strategy(name, schedule, **options)
-    except (ValueError, TypeError) as e:
-        raise OptionError(f"--strategy {spec}: {' '.join(str(e).split())}") from None
 
 def parse_samplers(text, T):
     """'ddpm250,ddim25' -> {'ddpm250': (speed.ddpm_sample, 250), 'ddim25': (speed.ddim_sample, 25)}."""
@@ -245,12 +214,12 @@ def parse_samplers(text, T):
             raise OptionError(f"--eval-samplers {text}: {s!r} is not valid; valid: ddpmN or ddimN with 1 <= N <= {T}")
     return {s: (speed.ddpm_sample if m[1] == "ddpm" else speed.ddim_sample, int(m[2])) for s, m in found.items()}
 
-def setup(args):
-    """Data (after --limit, --subset), its identity, the feature net and the reference (mu, sigma, sqrt sigma)."""
+def setup(args, metric=True):
+    """Data (after --limit, --subset), its identity and (with metric) the feature net and the reference statistics."""
     images, labels = load_data(args.data, os.path.join(args.cache, "data"), args.limit)
     images = images[balanced_subset(labels, args.subset)] if args.subset else images
     data = dict(source=os.path.basename(args.data or CIFAR10_URL), images=len(images), sha256=data_digest(images))
-    if args.fid_model == "none":
+    if args.fid_model == "none" or not metric:
         return images, data, None, None
     net = load_feature_net(args.fid_model, os.path.join(args.cache, "nets"), device=args.device)
     ref = os.path.join(args.cache, f"ref-{net.name.replace(':', '-')}-{len(images)}-{data['sha256']}.pt")
@@ -264,63 +233,71 @@ def write_metrics(args, result, data, t0, final=None):
              steps=result.step, planned_steps=args.steps, finished=final is not None, wall_s=time.time() - t0,
              device=torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu", data=data,
              config={k: str(v) if k == "device" else v for k, v in vars(args).items()}, history=result.history)
-    path = os.path.join(args.out, "metrics.json" if final is not None else "metrics.partial.json")
+    path, partial = os.path.join(args.out, "metrics.json"), os.path.join(args.out, "metrics.partial.json")
     with open(path + ".tmp", "w") as f:
         json.dump(m, f, indent=1)
-    os.replace(path + ".tmp", path)
-    if final is not None and os.path.exists(os.path.join(args.out, "metrics.partial.json")):
-        os.remove(os.path.join(args.out, "metrics.partial.json"))
+    os.replace(path + ".tmp", path if final is not None else partial)
+    final is not None and os.path.exists(partial) and os.remove(partial)
     return m
 
 def run(args):
-    """Train one strategy and seed, evaluating every steps/evals steps; returns the exit status."""
+    """Train one strategy and seed, evaluating every steps/evals steps; returns the exit status. Under torchrun
+    each rank trains on its share of every batch; rank 0 alone evaluates, writes and prints."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     partial = os.path.join(args.out, "metrics.partial.json")  # wall_s counts every call of a resumed run
     t0 = time.time() - (json.load(open(partial))["wall_s"] if args.resume and os.path.exists(partial) else 0.0)
     torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    images, data, net, ref = setup(args)
+    # the data, feature net and reference statistics: rank 0 first (it fetches and caches), the others read the data
+    world > 1 and rank > 0 and dist.barrier()
+    images, data, net, ref = setup(args, metric=rank == 0)
+    world > 1 and rank == 0 and dist.barrier()
+    # strategy, samplers, the model (its initial weights a pure function of --seed), the experiment's identity
     schedule = speed.make_schedule(args.schedule)
     strategy, samplers = make_strategy(args.strategy, schedule), parse_samplers(args.eval_samplers, schedule.T)
     arch = {**(MICRO if args.model == "micro" else speed.UNET_SIZES[args.model]), "img_res": images.shape[-1]}
-    with torch.random.fork_rng(devices=[]):  # the initial weights are a pure function of --seed
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         model = speed.UNet(**arch)
+    metric = [net and net.name]  # rank 0's, so that every rank checks the same identity on --resume
+    world > 1 and dist.broadcast_object_list(metric)
+    experiment = dict(data=data, unet=dict(name=args.model, **arch), precision=args.precision, metric=metric[0],
+                      samplers=list(samplers), eval_samples=args.eval_samples)
     every, shape, args.metric = max(1, args.steps // args.evals), tuple(images.shape[1:]), net and (
         "FID" if net.kind == "inception" else "FD-" + re.sub(r"^cifar10-|\.pt$", "", net.name.split(":")[0]))
-    experiment = json.loads(json.dumps(dict(data=data, unet=dict(name=args.model, **arch), precision=args.precision,
-                                            metric=net and net.name, samplers=list(samplers),
-                                            eval_samples=args.eval_samples)))
+    compile = args.compile and args.device.type == "cuda"
+    fast = functools.cache(lambda ema: torch.compile(ema) if compile else ema)  # the EMA net to sample, compiled once
 
     def draw(model, sampler, n, seed=12345):  # fixed noise: the same for every run and evaluation
-        fn, steps = sampler
         g = torch.Generator(args.device).manual_seed(seed)
-        return fn(model, schedule, n, shape=shape, steps=steps, generator=g, device=args.device)
+        return sampler[0](model, schedule, n, shape=shape, steps=sampler[1], generator=g, device=args.device)
 
-    def evaluate(result):
-        """Every `every` steps and at the end: FD per sampler into result.extra (saved with checkpoints), metrics."""
-        if result.step % every and result.step != args.steps:
-            return False
-        for name, sampler in samplers.items() if net else ():
-            fd = fd_of_samples(net, draw(result.ema, sampler, args.eval_samples), ref)
-            result.extra.setdefault("evals", {}).setdefault(name, []).append([result.step, fd])
-            print(f"\n[{args.strategy} seed {args.seed}] step {result.step}: {args.metric} {name} {fd:.3f}", flush=True)
-        write_metrics(args, result, data, t0)
+    def fds(ema, n):  # {sampler: FD of n samples}
+        return {s: fd_of_samples(net, draw(fast(ema), sampler, n), ref) for s, sampler in samplers.items() if net and n}
+
+    def evaluate(result):  # every `every` steps and at the end: FDs into result.extra (saved with checkpoints), metrics
+        if result.step % every == 0 or result.step == args.steps:
+            for s, fd in fds(result.ema, args.eval_samples).items():
+                result.extra.setdefault("evals", {}).setdefault(s, []).append([result.step, fd])
+                print(f"\n[{args.strategy} seed {args.seed}] step {result.step}: {args.metric} {s} {fd:.3f}", flush=True)
+            write_metrics(args, result, data, t0)
         return False  # True would stop training
 
     os.makedirs(args.out, exist_ok=True)
     try:
         result = speed.train(model, images, schedule, strategy, steps=args.steps, batch_size=args.batch_size,
                              lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, precision=args.precision,
-                             seed=args.seed, device=args.device, log_every=every, callback=evaluate,
+                             compile=compile, seed=args.seed, device=args.device, log_every=every, callback=evaluate,
                              callback_every=every, ckpt_path=os.path.join(args.out, "ckpt.pt"), resume=args.resume,
                              experiment=experiment, progress=not args.quiet)
-    except ValueError as e:  # a checkpoint of another experiment, or options that do not fit the data
+    except ValueError as e:  # a checkpoint of another experiment (or world_size), or options that do not fit the data
         raise OptionError(("--resume: " if "another experiment" in str(e) else "") + " ".join(str(e).split())) from None
+    if rank > 0:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         write_metrics(args, result, data, t0)
         print(f"interrupted at step {result.step}; continue with --resume", file=sys.stderr)
         return 130
-    final = {s: fd_of_samples(net, draw(result.ema, samplers[s], args.final_samples), ref)
-             for s in samplers if net and args.final_samples}
+    final = fds(result.ema, args.final_samples)
     save_grid(draw(result.ema, next(iter(samplers.values())), 64, seed=0), os.path.join(args.out, "samples.png"))
     m = write_metrics(args, result, data, t0, final)
     if not m["evals"]:
@@ -342,33 +319,39 @@ def save_grid(images, path, nrow=8):
 # ---- Command line: every option is checked before any data is read or any folder created
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        moved = "; comparisons are run by bench/compare.py" if "--compare" in message else ""
-        raise OptionError(message.replace("argument ", "", 1) + moved)
+    def error(self, message):  # one line naming the option
+        raise OptionError(message.replace("argument ", "", 1) + ("; comparisons are run by bench/compare.py"
+                                                                  if "--compare" in message else ""))
 
 def _arg(kind, ok, valid):
     """An argparse type: kind(text) satisfying ok, else 'valid: ...'."""
     def parse(text):
         try:
-            assert ok(kind(text))
-            return kind(text)
-        except (ValueError, AssertionError):
-            raise argparse.ArgumentTypeError(f"{text!r} is not valid; valid: {valid}") from None
+            if ok(value := kind(text)):
+                return value
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid; valid: {valid}")
     return parse
 
 def check(args):
     """Fill in the preset and check what argparse cannot; raises OptionError, reads no data, creates nothing."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus, world = torch.cuda.device_count() if torch.cuda.is_available() else 0, int(os.environ.get("WORLD_SIZE", 1))
     try:
         args.device = torch.device(args.device or ("cuda" if gpus else "cpu"))
+        if args.device.type == "cuda" and "WORLD_SIZE" in os.environ:  # torchrun: the GPU of this process
+            args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         assert args.device.type == "cpu" or args.device.type == "cuda" and (args.device.index or 0) < gpus
     except (RuntimeError, AssertionError):
         raise OptionError(f"--device {args.device}: not available; valid: cpu" + (
             f", cuda, cuda:0 .. cuda:{gpus - 1}" if gpus else " (this machine or torch build has no CUDA GPU)")) from None
     args.preset = args.preset or ("h100" if args.device.type == "cuda" else "cpu")
-    for k, v in PRESETS[args.preset].items():
+    for k, v in {**DEFAULTS, **PRESETS[args.preset]}.items():
         setattr(args, k, v if getattr(args, k, None) is None else getattr(args, k))
     args.out = args.out or os.path.join("runs", re.sub(r"[^\w.=-]", "_", args.strategy))
+    if args.batch_size % world:
+        raise OptionError(f"--batch-size {args.batch_size}: the global batch is split over the {world} torchrun "
+                          f"processes; valid: a multiple of {world}")
     schedule = speed.make_schedule(args.schedule)
     make_strategy(args.strategy, schedule), parse_samplers(args.eval_samplers, schedule.T)
     if args.data and not os.path.exists(args.data):
@@ -389,7 +372,7 @@ def parse_args(argv=None):
     """Command line -> args with the preset filled in; raises OptionError naming the first bad option."""
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     pos, count = _arg(int, lambda v: v >= 1, "an integer >= 1"), _arg(int, lambda v: v >= 0, "an integer >= 0")
-    add = p.add_argument
+    add = p.add_argument  # options without a default take their preset's value
     add("--preset", choices=sorted(PRESETS), help="budget: h100 (default on a GPU), t4 (Colab), cpu (smoke run)")
     add("--strategy", default="speed", help=f"{', '.join(speed.STRATEGIES)}; options as name:key=value:...")
     add("--seed", type=count, default=0, help="seeds the initial weights, the data order and the noise")
@@ -397,17 +380,20 @@ def parse_args(argv=None):
     add("--limit", type=pos, help="use only the first N images")
     add("--subset", type=pos, help="train on a fixed class-balanced N-image subset (FD against it)")
     add("--model", choices=["micro", *speed.UNET_SIZES], help="UNet size")
-    add("--steps", type=pos), add("--batch-size", type=pos), add("--evals", type=pos, help="evaluations")
+    add("--steps", type=pos, help="training steps"), add("--evals", type=pos, help="evaluations during training")
+    add("--batch-size", type=pos, help="images per step (under torchrun: over all processes)")
     add("--eval-samples", type=pos, help="samples per evaluation")
     add("--final-samples", type=count, help="samples of a final evaluation (0: none)")
     add("--eval-samplers", help="comma-separated ddpmN (ancestral, N respaced steps) or ddimN, e.g. ddpm250,ddim25")
-    add("--lr", type=_arg(float, lambda v: 0 < v < float("inf"), "a number > 0"))
+    add("--lr", type=_arg(float, lambda v: 0 < v < float("inf"), "a number > 0"), help="peak learning rate")
     add("--warmup", type=count, help="steps of learning-rate warm-up")
     add("--ema-decay", type=_arg(float, lambda v: 0 <= v < 1, "a number in [0, 1)"))
     add("--fid-model", help="inception (standard FID), none, or a TorchScript feature net file")
     add("--schedule", choices=speed.SCHEDULES, default="linear")
     add("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
-    add("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    add("--no-compile", dest="compile", action="store_false", default=None,
+        help="no torch.compile of the network (the h100 preset compiles on a GPU: about a minute, then 2x faster)")
+    add("--device", help="cpu, cuda or cuda:N (default: cuda when there is one; under torchrun: cuda:LOCAL_RANK)")
     add("--out", help="output folder (default runs/<strategy>)")
     add("--cache", default=os.path.join("runs", "cache"), help="decoded data, feature nets, reference statistics")
     add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -415,18 +401,25 @@ def parse_args(argv=None):
     return check(p.parse_args(argv))
 
 def main(argv=None):
-    args = None
+    args, rank = None, int(os.environ.get("RANK", 0))  # under torchrun rank 0 alone prints
     try:
         args = parse_args(argv)
-        print(f"train_tiny: preset {args.preset}: {PRESETS[args.preset]['about']}", flush=True)
+        if "WORLD_SIZE" in os.environ:  # launched by torchrun: NCCL between GPUs, gloo on the CPU
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")  # lets CUDA graphs capture NCCL calls
+            args.device.type == "cuda" and torch.cuda.set_device(args.device)
+            dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
+        rank == 0 and print(f"train_tiny: preset {args.preset}: {PRESETS[args.preset]['about']}", flush=True)
         return run(args)
     except (OptionError, DataError) as e:
-        print(f"train_tiny: {e}", file=sys.stderr)
+        rank == 0 and print(f"train_tiny: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside training (which stops cleanly on Ctrl-C): setup or the final evaluation
         resumable = args is not None and os.path.exists(os.path.join(args.out, "ckpt.pt"))
-        print("interrupted; " + ("continue with --resume" if resumable else "nothing to resume"), file=sys.stderr)
+        rank == 0 and print("interrupted; " + ("continue with --resume" if resumable else "nothing to resume"),
+                            file=sys.stderr)
         return 130
+    finally:
+        dist.is_initialized() and dist.destroy_process_group()
 
 if __name__ == "__main__":
     sys.exit(main())
