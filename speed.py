@@ -1,11 +1,11 @@
 """SpeeD: faster diffusion training by looking closely at time steps.
 
-Kai Wang, Mingjia Shi, Yukun Zhou, et al. "A Closer Look at Time Steps is Worthy of Triple Speed-Up for Diffusion
-Model Training", arXiv:2405.17403 (2024): the model is left alone; the steps t = 0 ... T-1 are split into acceleration,
-deceleration and convergence areas by how fast the forward process changes, convergence steps are sampled less often
-and fast-changing steps weighted more. docs/method.md derives the formulas. Part I, the method: 1 schedule,
-2 increments, 3 areas, 4 asymmetric sampling, 5 change-aware weighting, 6 strategies, 7 loss. Part II, a small testbed:
-8 UNet, 9 training, 10 samplers, 11 Frechet distance."""
+A reference implementation of Kai Wang, Mingjia Shi, Yukun Zhou, et al. "A Closer Look at Time Steps is Worthy of
+Triple Speed-Up for Diffusion Model Training", arXiv:2405.17403 (2024). The model is left alone: the steps t = 0 ... T-1
+are split into acceleration, deceleration and convergence areas by how fast the forward process changes; convergence
+steps are sampled less often, fast-changing steps weighted more (docs/method.md derives the formulas). Part I, the
+method: 1 schedule, 2 increments, 3 areas, 4 asymmetric sampling, 5 change-aware weighting, 6 strategies, 7 loss.
+Part II, a small testbed: 8 UNet, 9 training, 10 samplers, 11 Frechet distance."""
 
 import contextlib, copy, inspect, json, math, os, signal, threading, time  # noqa: E401
 from dataclasses import dataclass, field
@@ -36,7 +36,6 @@ def _check_tau(tau, T):
     _check(_is_int(tau, 1, T - 1), f"tau must be an integer in [1, T-1] = [1, {T - 1}]; got {tau!r}")
 def _check_threshold(threshold):
     _check(_is_num(threshold) and threshold > 0, f"threshold must be a number > 0; got {threshold!r}")
-
 # ================================================= PART I: THE METHOD =================================================
 # ---- 1. Schedule: the discrete DDPM forward process (Ho et al. 2020, eq. 4) ------------------------------------------
 #      x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,   abar_t = prod_{s<=t} (1 - beta_s)
@@ -58,6 +57,7 @@ class Schedule:
 
     snr = property(lambda self: self.alpha_bar / (1.0 - self.alpha_bar))  # signal-to-noise ratio abar_t / (1 - abar_t)
     sigma = property(lambda self: self.snr.rsqrt())  # EDM's noise level sqrt((1 - abar_t) / abar_t) = SNR_t^(-1/2)
+
     def scales(self, device):  # (sqrt(abar_t), sqrt(1 - abar_t)): signal and noise scales, float32, cached per device
         key, ab = str(torch.device(device)), self.alpha_bar
         if key not in self._on_device:
@@ -77,7 +77,6 @@ def make_schedule(kind="linear", T=1000):
     if kind == "linear":
         return Schedule.from_betas(torch.linspace(lo, hi, T, dtype=torch.float64))
     return Schedule.from_betas(torch.linspace(lo ** 0.5, hi ** 0.5, T, dtype=torch.float64) ** 2)
-
 # ---- 2. Process increments (paper Sec. 3.1): delta_t = x_{t+1} - x_t given x_0 ---------------------------------------
 #      From x_{t+1} = sqrt(alpha_{t+1}) x_t + sqrt(beta_{t+1}) z: E[delta_t | x0] = (sqrt(alpha_{t+1}) - 1) sqrt(abar_t)
 #      x0 and, per dimension, Var[delta_t | x0] = (1 - sqrt(alpha_{t+1}))^2 (1 - abar_t) + beta_{t+1}.
@@ -90,8 +89,7 @@ def increment_stats(schedule):
 def increment_stats_mc(schedule, x0, generator=None):
     """Monte-Carlo (mean_coef, var) along the chain from x0: least-squares slope of delta_t on x0, residual variance."""
     _check_schedule(schedule)
-    _check(torch.is_tensor(x0) and x0.is_floating_point() and x0.ndim >= 2,
-           "x0 must be a float tensor with a batch dimension, e.g. [N, C, H, W] in [-1, 1]")
+    _check(torch.is_tensor(x0) and x0.is_floating_point() and x0.ndim >= 2, "x0 must be a float tensor [N, ...]")
     x0 = x0.double().flatten()
     a, b = schedule.alphas.to(x0.device).sqrt(), schedule.betas.to(x0.device).sqrt()
     x, stats = x0, []
@@ -101,7 +99,6 @@ def increment_stats_mc(schedule, x0, generator=None):
             c = ((x - x_prev) * x0).sum() / (x0 * x0).sum()
             stats.append(torch.stack([c, ((x - x_prev - c * x0) ** 2).mean()]))
     return tuple(torch.stack(stats).cpu().T)
-
 # ---- 3. Areas (paper Sec. 3.2) ---------------------------------------------------------------------------------------
 #      acceleration: t < t_peak = argmax g; deceleration: t_peak <= t < tau; convergence: t >= tau, the first t after
 #      t_peak with T g_t < threshold: a rate per unit of t/T (0.1 = the paper's 1e-4 per step at T = 1000), for any T.
@@ -134,7 +131,6 @@ def find_areas(schedule, threshold=0.1):
     t_peak = int(g.argmax())
     below = ((torch.arange(T) > t_peak) & (g * T < threshold)).nonzero()
     return Areas(t_peak=t_peak, tau=max(int(below[0]) if len(below) else T - 1, 1), T=T, rate=g)
-
 # ---- 4. Asymmetric sampling (paper eq. 6): steps below tau are k times as likely as convergence steps ----------------
 #      P(t) = k / (T + tau (k - 1)) for t < tau and 1 / (T + tau (k - 1)) for t >= tau.
 def speed_probs(T, tau, k=5):
@@ -150,11 +146,9 @@ def dual_step(schedule):
     """The official code's "dual sampling" m: 1 + the first t with T d sqrt(1 - abar_t)/dt < 0.1 (linear: m = 642)."""
     d = torch.gradient((1.0 - schedule.alpha_bar).sqrt())[0] * schedule.T
     return int((d < 0.1).int().argmax()) + 1
-
 # ---- 5. Change-aware weighting (paper eq. 7): below tau, g_t rescaled into [1 - lam, lam]; from tau on, w_t = 1 ------
-#      lam in [0.5, 1], default 0.6. lam = 0.5 gives w = 0.5 below tau, which is not "off": lam=None is no weighting.
 def speed_weights(schedule, tau, lam=0.6):
-    """w_t, float64 of length T; the min and max of g are taken over t < tau."""
+    """w_t, float64 of length T (min and max of g over t < tau). lam in [0.5, 1]; 0.5 gives w = 0.5 below tau."""
     _check_schedule(schedule)
     _check_tau(tau, schedule.T)
     _check(_is_num(lam, 0.5, 1), f"lam must be a number in [0.5, 1] (or None for no weighting); got {lam!r}")
@@ -162,10 +156,10 @@ def speed_weights(schedule, tau, lam=0.6):
     w = torch.ones(schedule.T, dtype=torch.float64)
     w[:tau] = (1 - lam) + (2 * lam - 1) * (g - g.min()) / (g.max() - g.min()).clamp(min=1e-30)
     return w
-
 # ---- 6. Strategies: a distribution P(t) over steps and a loss weight w(t) --------------------------------------------
-#      One sampler for all: inverse-CDF search on the device. P2 and Min-SNR weight eps-prediction; for x0 or v targets
-#      they are converted to the same objective (|e_eps|^2 = SNR |e_x0|^2 = SNR / (SNR + 1) |e_v|^2).
+#      One sampler for all (inverse-CDF search on the device); one builder per strategy, its defaults (the published
+#      values) in its signature. P2 and Min-SNR weight eps-prediction; for x0 or v targets they are converted to the
+#      same objective: |e_eps|^2 = SNR |e_x0|^2 = SNR / (SNR + 1) |e_v|^2.
 def _normal_bin_probs(z):  # standard-normal mass of the len(z) + 1 bins between sorted edges z
     cdf = 0.5 * (1 + torch.special.erf(z / math.sqrt(2)))
     return torch.cat([cdf.new_zeros(1), cdf, cdf.new_ones(1)]).diff()
@@ -173,11 +167,9 @@ def _normal_bin_probs(z):  # standard-normal mass of the len(z) + 1 bins between
 class Strategy:
     """P(t) and w(t); `config` names the strategy and all its options. With dual_m (SpeeD's dual sampling, official code
     only) half a batch is drawn from P and mirrored to |t - m|; `probs` is then the marginal of a large even batch."""
-
     def __init__(self, config, schedule, probs, weights=None, eps_space=False, dual_m=None):
-        self.config, self.name, self.schedule, self.T = config, config["name"], schedule, schedule.T
-        self.dual_m = dual_m
-        self._probs, self._weights, self._eps_space, self._tables = probs / probs.sum(), weights, eps_space, {}
+        self.config, self.name, self.schedule, self.T, self._tables = config, config["name"], schedule, schedule.T, {}
+        self._probs, self._weights, self._eps_space, self.dual_m = probs / probs.sum(), weights, eps_space, dual_m
 
     @property
     def probs(self):  # P(a sampled step = t), float64 on the CPU
@@ -209,6 +201,7 @@ class Strategy:
         t = torch.searchsorted(cdf, u, right=True).clamp_(max=self.T - 1)
         t = t if self.dual_m is None else torch.cat([t, (t - self.dual_m).abs()])[:n]
         return t, w[t]
+
     def weight_of(self, t, target="eps"):  # weights of given steps t, on t's device
         return self._table(t.device, target)[1][t]
 
@@ -217,16 +210,15 @@ class Strategy:
         _check(isinstance(areas, Areas) and areas.T == self.T, f"areas must be find_areas() of a T={self.T} schedule")
         s = torch.bincount(areas.label(torch.arange(self.T)), weights=self.probs * self.weights(target), minlength=3)
         return dict(zip(AREA_NAMES, (s / s.sum()).tolist()))
+
     def state_dict(self):  # a strategy with state (loss-aware) saves it with the checkpoint
         return {}
     def load_state_dict(self, state):
         pass
 
 class LossAwareStrategy(Strategy):
-    """Loss-aware sampling (improved DDPM, Nichol & Dhariwal 2021, Sec. 3.3): P(t) ~ sqrt(E[L_t^2]) over the last
-    `history` losses of each t, mixed with `uniform_mix` of uniform (uniform until every t has `history` losses);
-    w = 1 / (T P(t)) keeps the objective unbiased."""
-
+    """Improved DDPM's loss-aware sampling (Nichol & Dhariwal 2021, Sec. 3.3): P(t) ~ sqrt(E[L_t^2]) over t's last
+    `history` losses, mixed with `uniform_mix` of uniform (uniform until all t have `history`); w = 1 / (T P(t))."""
     def __init__(self, config, schedule, history, uniform_mix):
         super().__init__(config, schedule, torch.ones(schedule.T, dtype=torch.float64))
         self.history, self.uniform_mix = history, uniform_mix
@@ -243,6 +235,7 @@ class LossAwareStrategy(Strategy):
         p = self._current(device)
         cdf = p.cumsum(0)
         return cdf / cdf[-1], (1.0 / (self.T * p)).float()
+
     probs = property(lambda self: self._current(self.losses.device).cpu())
     def weights(self, target="eps"):
         _check_choice("target", target, TARGETS)
@@ -256,12 +249,12 @@ class LossAwareStrategy(Strategy):
         rank = torch.arange(len(ts), device=t.device) - torch.searchsorted(ts, ts)  # position among equal t
         self.losses[ts, (self.counts[ts] + rank) % self.history] = losses.detach()[order].to(self.losses.dtype)
         self.counts.index_add_(0, ts, torch.ones_like(ts))
+
     def state_dict(self):
         return {"losses": self.losses.cpu(), "counts": self.counts.cpu()}
     def load_state_dict(self, state):
         self.losses, self.counts = state["losses"].to(self.losses.device), state["counts"].to(self.losses.device)
 
-# One builder per strategy; its signature holds the defaults (the published values).
 def uniform_strategy(schedule):
     """t ~ U{0 ... T-1}, w = 1: the DDPM baseline."""
     return Strategy(dict(name="uniform"), schedule, torch.ones(schedule.T, dtype=torch.float64))
@@ -278,7 +271,6 @@ def speed_strategy(schedule, k=5, tau=None, lam=0.6, dual=False, threshold=0.1):
 def _p2_weights(schedule, k, gamma):
     _check(_is_num(k) and k > 0 and _is_num(gamma, 0), f"p2 needs k > 0 and gamma >= 0; got k={k!r}, gamma={gamma!r}")
     return 1.0 / (k + schedule.snr) ** gamma
-
 def p2_strategy(schedule, k=1.0, gamma=1.0):
     """P2 weighting (Choi et al. 2022): w = 1 / (k + SNR)^gamma in eps space; t uniform."""
     return Strategy(dict(name="p2", k=k, gamma=gamma), schedule, torch.ones(schedule.T, dtype=torch.float64),
@@ -331,7 +323,6 @@ def make_strategy(name, schedule, **options):
     unknown = sorted(set(options) - set(allowed))
     _check(not unknown, f"unknown option(s) {unknown} for strategy {name!r}; valid: {allowed or 'none'}")
     return BUILDERS[name](schedule, **options)
-
 # ---- 7. Loss: the weighted denoising MSE (paper eq. 8) ---------------------------------------------------------------
 #      mean_i w(t_i) |model(x_t_i, t_i) - target_i|^2 ; target eps, x0 or v = sqrt(abar) eps - sqrt(1-abar) x0
 def diffusion_loss(model, x0, schedule, strategy=None, *, t=None, w=None, noise=None, target="eps",
@@ -362,7 +353,6 @@ def diffusion_loss(model, x0, schedule, strategy=None, *, t=None, w=None, noise=
     out = model(a * x0 + s * noise, t, **model_kwargs)
     mse = ((out.float() - goal) ** 2).flatten(1).mean(1)
     return (w * mse).mean(), {"t": t, "mse": mse.detach(), "w": w}
-
 # ============================================== PART II: A SMALL TESTBED ==============================================
 # ---- 8. Network: a compact DDPM UNet (Ho et al. 2020, App. B; scale-shift conditioning from improved DDPM) -----------
 #      Time embedding -> MLP; residual blocks (GroupNorm, SiLU), attention at attn_res; skips from encoder to decoder.
@@ -375,18 +365,15 @@ def timestep_embedding(t, dim, max_period=10000.0):
 def _norm(c):  # GroupNorm, at most 32 groups of >= 2 channels (1 a group would cancel the time embedding)
     return nn.GroupNorm(math.gcd(32, max(c // 2, 1)), c)
 def _zero(module):  # zero-initialised output layers: every block starts as the identity
-    nn.init.zeros_(module.weight)
-    nn.init.zeros_(module.bias)
+    nn.init.zeros_(module.weight), nn.init.zeros_(module.bias)
     return module
 
 class ResBlock(nn.Module):  # GroupNorm-SiLU-conv twice, the time embedding added (or scale-shift) in between
     def __init__(self, cin, cout, emb_dim, dropout, scale_shift):
         super().__init__()
-        self.scale_shift = scale_shift
-        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.scale_shift, self.norm1, self.conv1 = scale_shift, _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * cout if scale_shift else cout)
-        self.norm2, self.drop = _norm(cout), nn.Dropout(dropout)
-        self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
+        self.norm2, self.drop, self.conv2 = _norm(cout), nn.Dropout(dropout), _zero(nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
     def forward(self, x, emb):
         h, e = self.conv1(F.silu(self.norm1(x))), rearrange(self.emb(F.silu(emb)), "b c -> b c 1 1")
@@ -407,7 +394,6 @@ class Attention(nn.Module):  # multi-head self-attention over the pixels, residu
 class Upsample(nn.Conv2d):  # nearest-neighbour 2x, then the convolution
     def forward(self, x):
         return super().forward(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
 class EmbSequential(nn.ModuleList):  # layers in order; residual blocks also get the embedding
     def forward(self, x, emb):
         for layer in self:
@@ -416,14 +402,13 @@ class EmbSequential(nn.ModuleList):  # layers in order; residual blocks also get
 
 class UNet(nn.Module):
     """forward(x [N, C, H, W] in [-1, 1], t [N], y [N] labels with num_classes) -> [N, C, H, W]; config: the args."""
-
     def __init__(self, img_channels=3, img_res=32, ch=128, ch_mult=(1, 2, 2, 2), num_blocks=2,
                  attn_res=(16,), dropout=0.1, num_classes=None, heads=1, scale_shift=True):
         super().__init__()
         _check(_is_int(ch, 2) and ch % 2 == 0, f"ch must be an even integer >= 2; got {ch!r}")
         _check(len(ch_mult) >= 1 and _is_int(num_blocks, 1), "ch_mult must be non-empty and num_blocks >= 1")
         _check(img_res % 2 ** (len(ch_mult) - 1) == 0,
-               f"img_res must be divisible by 2^(len(ch_mult)-1); got {img_res}")
+               f"img_res must be divisible by 2^(len(ch_mult)-1) = {2 ** (len(ch_mult) - 1)}; got {img_res}")
         self.config = {k: list(v) if isinstance(v, tuple) else v
                        for k, v in locals().items() if k not in ("self", "__class__")}
         self.ch, emb_dim = ch, 4 * ch
@@ -471,7 +456,6 @@ def make_unet(size="tiny", **overrides):
     """tiny (2.4M parameters, 0.84 GFLOP per 32x32 image), small (9.6M, 3.2), ddpm (35.7M, 12.4: DDPM's CIFAR-10)."""
     _check_choice("size", size, tuple(UNET_SIZES))
     return UNet(**{**UNET_SIZES[size], **overrides})
-
 # ---- 9. Training: AdamW with linear warm-up, gradient clipping, EMA with warm-up (DDPM, Ho et al. 2020, App. B) ------
 #      bf16 autocast (fp16 + GradScaler on older GPUs, fp32 on the CPU). On a GPU the whole step is one CUDA graph;
 #      under torchrun the global batch is split over the ranks, so the math does not depend on their number.
@@ -481,14 +465,13 @@ def pick_precision(device, precision="auto"):
     if precision != "auto" or torch.device(device).type != "cuda":
         return precision if precision != "auto" else "fp32"
     return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
-
 def _autocast(device, precision):  # no cast-weight cache: it would go stale inside a CUDA graph
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(torch.device(device).type, dtype or torch.float32, dtype is not None, cache_enabled=False)
+    kind, dtype = torch.device(device).type, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(kind, dtype or torch.float32, enabled=dtype is not None, cache_enabled=False)
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    """ema <- decay ema + (1 - decay) model on the parameters (decay: a float or 0-d tensor); buffers are copied."""
+    """ema <- decay ema + (1 - decay) model on parameters (decay: float or 0-d tensor, no host sync); copies buffers."""
     e = list(ema.parameters())
     delta = torch._foreach_sub([p.detach() for p in model.parameters()], e)
     torch._foreach_add_(e, torch._foreach_mul(delta, 1 - decay))
@@ -505,6 +488,7 @@ class Replayer:
     def __init__(self, fn, graph=False, generators=(), warmup=3, stream=None):
         self.fn, self.graph, self.generators, self.warmup = fn, graph, generators, warmup
         self.calls, self.cuda_graph, self.stream = 0, None, stream or (torch.cuda.Stream() if graph else None)
+
     def __call__(self):
         self.calls += 1
         if not self.graph:
@@ -550,7 +534,6 @@ def _save_checkpoint(path, parts, gens, **state):  # parts' state_dicts, the RNG
     rng = dict(gens=[g.get_state() for g in gens], cpu=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state(gens[0].device) if gens[0].device.type == "cuda" else None)
     _save_atomic({**{k: v.state_dict() for k, v in parts.items()}, "rng": rng, **state}, path)
-
 def _load_checkpoint(path, parts, gens, experiment):  # restores parts and RNGs from the same experiment's checkpoint
     ck = torch.load(path, map_location="cpu", weights_only=True)
     before = ck.get("experiment", {})
@@ -583,12 +566,9 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
           weight_decay=0.0, ema_decay=0.9999, target="eps", labels=None, precision="auto", graph=True, compile=False,
           flip=True, seed=0, device=None, log_every=100, callback=None, callback_every=0, ckpt_path=None,
           ckpt_minutes=5.0, resume=True, experiment=None, progress=True):
-    """Train `model` (called as model(x_t, t[, y=labels])) on uint8 images [N, C, H, W]; seeds the global RNG with seed.
-
-    callback(result) runs every callback_every steps and after the last, on rank 0; True stops training. With ckpt_path,
-    an atomic checkpoint is written every ckpt_minutes, at a stop, on SIGINT or SIGTERM (then result.interrupted) and at
-    the end; resume=True continues it, bit for bit, if it is of the same experiment (these settings, strategy.config,
-    the model's shapes, the caller's `experiment` dict). compile: torch.compile the network inside the CUDA graph."""
+    """Train `model` (model(x_t, t[, y=labels])) on uint8 images [N, C, H, W]. callback(result) runs on rank 0 every
+    callback_every steps and after the last; True stops. With ckpt_path a checkpoint is written every ckpt_minutes, at a
+    stop, on SIGINT/SIGTERM (then result.interrupted) and at the end; resume continues one of the same experiment."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     _check(isinstance(model, nn.Module) and len([*model.parameters()]), "model must be an nn.Module with parameters")
     _check(torch.is_tensor(images) and images.dtype == torch.uint8 and images.ndim == 4,
@@ -620,14 +600,14 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
                             capturable=graph)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     gens = [torch.Generator(device=device).manual_seed(seed + 1), torch.Generator(device=device).manual_seed(seed + 2)]
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # train() seeds the global RNG too
     net, side = model, torch.cuda.Stream(device) if graph else None  # side: warm-up and capture (and DDP's) stream
     if world > 1:
         with torch.cuda.stream(side) if graph else contextlib.nullcontext():
             net = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None)
-    net = torch.compile(net) if compile else net
+    net = torch.compile(net) if compile else net  # fewer, fused kernels inside the CUDA graph
 
-    # the experiment's identity; the checkpoint to continue (with the partial log sums)
+    # the experiment (settings, strategy.config, model shapes, the caller's dict); its checkpoint, resumed bit for bit
     experiment = _plain(dict(batch_size=batch_size, seed=seed, lr=lr, warmup=warmup, grad_clip=grad_clip, flip=flip,
                              weight_decay=weight_decay, ema_decay=ema_decay, target=target, world_size=world,
                              schedule=[schedule.T, round(float(schedule.alpha_bar.sum()), 9)], strategy=strategy.config,
@@ -729,7 +709,6 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
     bar.close()
     model.eval()
     return result
-
 # ---- 10. Samplers: DDIM (Song et al. 2021, eq. 12) over evenly respaced steps, with eta ------------------------------
 #      eta = 1: ancestral DDPM sampling (Ho et al. 2020, Alg. 2) of the respaced process (improved DDPM). CUDA-graphed.
 @torch.no_grad()
@@ -737,13 +716,12 @@ def ddim_sample(model, schedule, n, shape=(3, 32, 32), steps=50, eta=0.0, target
                 generator=None, device=None, batch_size=500, precision="auto", clip=True, progress=False, graph=True):
     """n images with `steps` DDIM steps, uint8 [n, *shape] on `device`. The starting noise is drawn first: with eta = 0
     batch_size does not change the result; with eta > 0 each step's noise is drawn per batch, so it does."""
-    for name, ok, what in (("n", _is_int(n, 1), "an integer >= 1"), ("eta", _is_num(eta, 0, 1), "in [0, 1]"),
-                           ("steps", _is_int(steps, 1, schedule.T), f"an integer in [1, T = {schedule.T}]"),
-                           ("batch_size", _is_int(batch_size, 1), "an integer >= 1")):
-        _check(ok, f"{name} must be {what}; got {locals()[name]!r}")
+    _check(_is_int(n, 1), f"n must be an integer >= 1; got {n!r}")
+    _check(_is_int(steps, 1, schedule.T), f"steps must be an integer in [1, T = {schedule.T}]; got {steps!r}")
+    _check(_is_num(eta, 0, 1), f"eta must be in [0, 1]; got {eta!r}")
+    _check(_is_int(batch_size, 1), f"batch_size must be an integer >= 1; got {batch_size!r}")
     _check_choice("target", target, TARGETS)
-    _check(labels is None or (torch.is_tensor(labels) and labels.shape == (n,)),
-           f"labels must be None or a tensor [{n}]")
+    _check(labels is None or (torch.is_tensor(labels) and labels.shape == (n,)), f"labels must be None or [{n}]")
     p = next(model.parameters(), None) if device is None and isinstance(model, nn.Module) else None
     _check(device is not None or p is not None, "model has no parameters to take the device from: pass device=")
     device = torch.device(device if device is not None else p.device)
@@ -796,7 +774,6 @@ def ddim_sample(model, schedule, n, shape=(3, 32, 32), steps=50, eta=0.0, target
 def ddpm_sample(model, schedule, n, steps=250, **kwargs):
     """The paper's sampler: ancestral DDPM (DDIM, eta = 1) over min(steps, T) evenly respaced steps."""
     return ddim_sample(model, schedule, n, steps=min(steps, schedule.T), eta=1.0, **kwargs)
-
 # ---- 11. Quality: the Frechet distance between Gaussians fitted to features (Heusel et al. 2017) ---------------------
 #      FD = |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr (S1 S2)^(1/2) in float64, with tr (S1 S2)^(1/2) = tr (R S1 R)^(1/2),
 #      R = S2^(1/2): symmetric eigenproblems only. FID = FD in the pool features of the standard TF-Inception network.
@@ -805,9 +782,7 @@ def feature_stats(feats):
     _check(torch.is_tensor(feats) and feats.ndim == 2 and feats.shape[0] >= 2, "feats must be a tensor [N >= 2, D]")
     f = feats.double()
     mu = f.mean(0)
-    c = f - mu
-    return mu, c.T @ c / (len(f) - 1)
-
+    return mu, (f - mu).T @ (f - mu) / (len(f) - 1)
 def sqrt_psd(s):
     """The symmetric square root of a positive semi-definite matrix (negative eigenvalues clipped)."""
     ev, vec = torch.linalg.eigh(s.double())
@@ -815,9 +790,7 @@ def sqrt_psd(s):
 
 def frechet_distance(a, b):
     """FD between feature sets [N, D] or (mean, covariance[, sqrt_psd(covariance), to reuse R]) tuples."""
-    def stats(x):
-        return feature_stats(x) if torch.is_tensor(x) else tuple(v.double() for v in x)
-    (mu1, s1, *_), (mu2, s2, *r) = stats(a), stats(b)
+    (mu1, s1, *_), (mu2, s2, *r) = (feature_stats(x) if torch.is_tensor(x) else [v.double() for v in x] for x in (a, b))
     _check(mu1.shape == mu2.shape, f"feature sizes differ: {tuple(mu1.shape)} vs {tuple(mu2.shape)}")
     r = r[0].to(s1.device) if r else sqrt_psd(s2.to(s1.device))
     m = r @ s1 @ r
