@@ -1,16 +1,11 @@
 """SpeeD: faster diffusion training by looking closely at time steps.
 
-A readable reference implementation of Kai Wang, Mingjia Shi, Yukun Zhou, et al. "A Closer Look at
-Time Steps is Worthy of Triple Speed-Up for Diffusion Model Training", arXiv:2405.17403 (2024).
-SpeeD leaves the model alone: it measures how fast the forward process changes at each time step,
-splits the steps into acceleration, deceleration and convergence areas, samples convergence steps
-less often (asymmetric sampling) and weights fast-changing steps more (change-aware weighting).
-docs/method.md derives every formula used here. Steps run t = 0 ... T-1 (t = 0 is least noisy).
-
-Part I, the method: 1 schedule, 2 increments, 3 areas, 4 asymmetric sampling, 5 change-aware
-weighting, 6 strategies (SpeeD and the baselines), 7 loss. Part II, a small testbed: 8 UNet,
-9 training loop, 10 samplers, 11 Frechet distance. Plain PyTorch tensors; copy any section.
-"""
+A reference implementation of Kai Wang, Mingjia Shi, Yukun Zhou, et al. "A Closer Look at Time Steps is Worthy of
+Triple Speed-Up for Diffusion Model Training", arXiv:2405.17403 (2024). The model is left alone: the steps t = 0 ... T-1
+are split into acceleration, deceleration and convergence areas by how fast the forward process changes; convergence
+steps are sampled less often, fast-changing steps weighted more (docs/method.md derives the formulas). Part I, the
+method: 1 schedule, 2 increments, 3 areas, 4 asymmetric sampling, 5 change-aware weighting, 6 strategies, 7 loss.
+Part II, a small testbed: 8 UNet, 9 training, 10 samplers, 11 Frechet distance."""
 
 import contextlib, copy, inspect, json, math, os, signal, threading, time  # noqa: E401
 from dataclasses import dataclass, field
@@ -29,21 +24,21 @@ AREA_NAMES = ("acceleration", "deceleration", "convergence")
 def _check(ok, message):  # public functions validate their arguments: ValueError naming the argument
     if not ok:
         raise ValueError(message)
-
 def _is_int(x, lo=-math.inf, hi=math.inf):
     return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
-
 def _is_num(x, lo=-math.inf, hi=math.inf):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and lo <= x <= hi
-
 def _check_choice(name, value, choices):
     _check(value in choices, f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-
-# ============================================ PART I: THE METHOD ================================================
-# 1. Schedule: the discrete DDPM forward process (Ho et al. 2020, eq. 4)
-#    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,   abar_t = prod_{s<=t} (1 - beta_s)
-# ------------------------------------------------------------------------------------------------
-
+def _check_schedule(schedule):
+    _check(isinstance(schedule, Schedule), "schedule must be a Schedule (see make_schedule)")
+def _check_tau(tau, T):
+    _check(_is_int(tau, 1, T - 1), f"tau must be an integer in [1, T-1] = [1, {T - 1}]; got {tau!r}")
+def _check_threshold(threshold):
+    _check(_is_num(threshold) and threshold > 0, f"threshold must be a number > 0; got {threshold!r}")
+# ================================================= PART I: THE METHOD =================================================
+# ---- 1. Schedule: the discrete DDPM forward process (Ho et al. 2020, eq. 4) ------------------------------------------
+#      x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,   abar_t = prod_{s<=t} (1 - beta_s)
 @dataclass
 class Schedule:
     """A discrete noise schedule: float64 CPU tensors of length T."""
@@ -60,24 +55,18 @@ class Schedule:
         _check(bool(((betas > 0) & (betas < 1)).all()), "betas must lie in the open interval (0, 1)")
         return cls(betas, 1.0 - betas, torch.cumprod(1.0 - betas, 0), betas.numel())
 
-    @property
-    def snr(self):  # signal-to-noise ratio abar_t / (1 - abar_t)
-        return self.alpha_bar / (1.0 - self.alpha_bar)
+    snr = property(lambda self: self.alpha_bar / (1.0 - self.alpha_bar))  # signal-to-noise ratio abar_t / (1 - abar_t)
+    sigma = property(lambda self: self.snr.rsqrt())  # EDM's noise level sqrt((1 - abar_t) / abar_t) = SNR_t^(-1/2)
 
-    @property
-    def sigma(self):  # EDM's noise level sqrt((1 - abar_t) / abar_t) = SNR_t^(-1/2)
-        return self.snr.rsqrt()
-
-    def scales(self, device):  # (sqrt(abar_t), sqrt(1 - abar_t)): signal and noise scales, float32, cached
-        key = str(torch.device(device))
+    def scales(self, device):  # (sqrt(abar_t), sqrt(1 - abar_t)): signal and noise scales, float32, cached per device
+        key, ab = str(torch.device(device)), self.alpha_bar
         if key not in self._on_device:
-            self._on_device[key] = (self.alpha_bar.sqrt().float().to(device), (1 - self.alpha_bar).sqrt().float().to(device))
+            self._on_device[key] = (ab.sqrt().float().to(device), (1 - ab).sqrt().float().to(device))
         return self._on_device[key]
 
 def make_schedule(kind="linear", T=1000):
-    """linear: beta from 1e-4 to 0.02 at T = 1000 (DDPM), both ends scaled by 1000/T for other T
-    (improved DDPM), so every T discretises one process. cosine: Nichol & Dhariwal 2021, eq. 17,
-    betas clipped at 0.999. quadratic: sqrt(beta) linear between the linear schedule's ends."""
+    """linear: beta from 1e-4 to 0.02 at T = 1000 (DDPM), scaled by 1000/T for other T (improved DDPM): one process.
+    cosine: Nichol & Dhariwal 2021, eq. 17, betas clipped at 0.999. quadratic: sqrt(beta) linear between those ends."""
     _check_choice("kind", kind, SCHEDULES)
     _check(_is_int(T, 2), f"T must be an integer >= 2; got {T!r}")
     if kind == "cosine":
@@ -88,17 +77,9 @@ def make_schedule(kind="linear", T=1000):
     if kind == "linear":
         return Schedule.from_betas(torch.linspace(lo, hi, T, dtype=torch.float64))
     return Schedule.from_betas(torch.linspace(lo ** 0.5, hi ** 0.5, T, dtype=torch.float64) ** 2)
-
-def _check_schedule(schedule):
-    _check(isinstance(schedule, Schedule), "schedule must be a Schedule (see make_schedule)")
-
-# ------------------------------------------------------------------------------------------------
-# 2. Process increments (paper Sec. 3.1): delta_t = x_{t+1} - x_t given x_0. From
-#    x_{t+1} = sqrt(alpha_{t+1}) x_t + sqrt(beta_{t+1}) z:
-#    E[delta_t | x0] = (sqrt(alpha_{t+1}) - 1) sqrt(abar_t) x0
-#    Var[delta_t | x0] = (1 - sqrt(alpha_{t+1}))^2 (1 - abar_t) + beta_{t+1}   (per dimension)
-# ------------------------------------------------------------------------------------------------
-
+# ---- 2. Process increments (paper Sec. 3.1): delta_t = x_{t+1} - x_t given x_0 ---------------------------------------
+#      From x_{t+1} = sqrt(alpha_{t+1}) x_t + sqrt(beta_{t+1}) z: E[delta_t | x0] = (sqrt(alpha_{t+1}) - 1) sqrt(abar_t)
+#      x0 and, per dimension, Var[delta_t | x0] = (1 - sqrt(alpha_{t+1}))^2 (1 - abar_t) + beta_{t+1}.
 def increment_stats(schedule):
     """Closed form (mean_coef, var), float64 of length T-1: E[delta_t|x0] = mean_coef[t] x0."""
     _check_schedule(schedule)
@@ -106,34 +87,23 @@ def increment_stats(schedule):
     return (sa_next - 1.0) * ab.sqrt(), (1.0 - sa_next) ** 2 * (1.0 - ab) + schedule.betas[1:]
 
 def increment_stats_mc(schedule, x0, generator=None):
-    """Monte-Carlo (mean_coef, var) on real images: runs the Markov chain from x0 over all T steps;
-    mean_coef is the least-squares slope of delta_t on x0, var the variance of the residual."""
+    """Monte-Carlo (mean_coef, var) along the chain from x0: least-squares slope of delta_t on x0, residual variance."""
     _check_schedule(schedule)
-    _check(torch.is_tensor(x0) and x0.is_floating_point() and x0.ndim >= 2,
-           "x0 must be a float tensor with a batch dimension, e.g. [N, C, H, W] in [-1, 1]")
+    _check(torch.is_tensor(x0) and x0.is_floating_point() and x0.ndim >= 2, "x0 must be a float tensor [N, ...]")
     x0 = x0.double().flatten()
     a, b = schedule.alphas.to(x0.device).sqrt(), schedule.betas.to(x0.device).sqrt()
-    x, stats = None, []
-    for t in range(schedule.T):
-        z = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-        x_next = a[t] * (x0 if x is None else x) + b[t] * z   # the chain's state at step t
-        if x is not None:
-            delta = x_next - x
-            c = (delta * x0).sum() / (x0 * x0).sum()
-            stats.append(torch.stack([c, ((delta - c * x0) ** 2).mean()]))
-        x = x_next
+    x, stats = x0, []
+    for t in range(schedule.T):  # x: the chain's state at step t
+        x_prev, x = x, a[t] * x + b[t] * torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        if t > 0:
+            c = ((x - x_prev) * x0).sum() / (x0 * x0).sum()
+            stats.append(torch.stack([c, ((x - x_prev - c * x0) ** 2).mean()]))
     return tuple(torch.stack(stats).cpu().T)
-
-# ------------------------------------------------------------------------------------------------
-# 3. Areas (paper Sec. 3.2). How fast the process changes is measured, as in the official code, by
-#    the rate g_t = d(1 - abar_t)/dt (central differences). acceleration: t < t_peak = argmax g;
-#    deceleration: t_peak <= t < tau; convergence: t >= tau = first t after t_peak with
-#    T g_t < threshold. The threshold is per unit of normalised time t/T (0.1 = the paper's 1e-4
-#    per step at T = 1000), so the areas do not depend on T.
-# ------------------------------------------------------------------------------------------------
-
+# ---- 3. Areas (paper Sec. 3.2) ---------------------------------------------------------------------------------------
+#      acceleration: t < t_peak = argmax g; deceleration: t_peak <= t < tau; convergence: t >= tau, the first t after
+#      t_peak with T g_t < threshold: a rate per unit of t/T (0.1 = the paper's 1e-4 per step at T = 1000), for any T.
 def change_rate(schedule):
-    """g_t = d(1 - abar_t)/dt per step, central differences (one-sided at the ends)."""
+    """How fast the process changes, as in the official code: g_t = d(1 - abar_t)/dt per step, central differences."""
     _check_schedule(schedule)
     return torch.gradient(1.0 - schedule.alpha_bar)[0]
 
@@ -148,34 +118,21 @@ class Areas:
     def label(self, t):  # 0 = acceleration, 1 = deceleration, 2 = convergence, for each t
         t = torch.as_tensor(t)
         return (t >= self.t_peak).long() + (t >= self.tau).long()
-
-    def name(self, t):
+    def name(self, t):  # the area's name of one step t
         return AREA_NAMES[int(self.label(int(t)))]
-
     def fractions(self):  # share of the T steps in each area
         n = torch.bincount(self.label(torch.arange(self.T)), minlength=3).double() / self.T
         return dict(zip(AREA_NAMES, n.tolist()))
 
 def find_areas(schedule, threshold=0.1):
-    """Linear schedule, T = 1000: t_peak = 219, tau = 698 (the paper rounds to 700); cosine:
-    tau = 979. If the rate never falls below the threshold, tau = T - 1."""
+    """Linear, T = 1000: t_peak = 219, tau = 698 (the paper: 700); cosine: tau = 979. tau = T - 1 if g stays high."""
     _check_threshold(threshold)
     g, T = change_rate(schedule), schedule.T
     t_peak = int(g.argmax())
     below = ((torch.arange(T) > t_peak) & (g * T < threshold)).nonzero()
     return Areas(t_peak=t_peak, tau=max(int(below[0]) if len(below) else T - 1, 1), T=T, rate=g)
-
-# ------------------------------------------------------------------------------------------------
-# 4. Asymmetric sampling (paper eq. 6): steps below tau are k times as likely as convergence steps,
-#    P(t) = k / (T + tau (k - 1)) for t < tau and 1 / (T + tau (k - 1)) for t >= tau.
-# ------------------------------------------------------------------------------------------------
-
-def _check_tau(tau, T):
-    _check(_is_int(tau, 1, T - 1), f"tau must be an integer in [1, T-1] = [1, {T - 1}]; got {tau!r}")
-
-def _check_threshold(threshold):
-    _check(_is_num(threshold) and threshold > 0, f"threshold must be a number > 0; got {threshold!r}")
-
+# ---- 4. Asymmetric sampling (paper eq. 6): steps below tau are k times as likely as convergence steps ----------------
+#      P(t) = k / (T + tau (k - 1)) for t < tau and 1 / (T + tau (k - 1)) for t >= tau.
 def speed_probs(T, tau, k=5):
     """P(t), float64 of length T, summing to 1. k = 1 is uniform."""
     _check(_is_int(T, 2), f"T must be an integer >= 2; got {T!r}")
@@ -186,19 +143,12 @@ def speed_probs(T, tau, k=5):
     return p / (T + tau * (k - 1))
 
 def dual_step(schedule):
-    """m of the official code's "dual sampling" (not in the paper): 1 + the first t where
-    d sqrt(1 - abar_t)/dt < 0.1 per unit of normalised time. Linear, T = 1000: m = 642."""
+    """The official code's "dual sampling" m: 1 + the first t with T d sqrt(1 - abar_t)/dt < 0.1 (linear: m = 642)."""
     d = torch.gradient((1.0 - schedule.alpha_bar).sqrt())[0] * schedule.T
     return int((d < 0.1).int().argmax()) + 1
-
-# ------------------------------------------------------------------------------------------------
-# 5. Change-aware weighting (paper eq. 7): below tau the rate g_t is rescaled into [1 - lam, lam],
-#    from tau on w_t = 1. lam in [0.5, 1], default 0.6. lam = 0.5 gives w = 0.5 below tau, which
-#    is not "off": a strategy with lam=None has no weighting (w = 1).
-# ------------------------------------------------------------------------------------------------
-
+# ---- 5. Change-aware weighting (paper eq. 7): below tau, g_t rescaled into [1 - lam, lam]; from tau on, w_t = 1 ------
 def speed_weights(schedule, tau, lam=0.6):
-    """w_t, float64 of length T; the min and max of g are taken over t < tau."""
+    """w_t, float64 of length T (min and max of g over t < tau). lam in [0.5, 1]; 0.5 gives w = 0.5 below tau."""
     _check_schedule(schedule)
     _check_tau(tau, schedule.T)
     _check(_is_num(lam, 0.5, 1), f"lam must be a number in [0.5, 1] (or None for no weighting); got {lam!r}")
@@ -206,37 +156,29 @@ def speed_weights(schedule, tau, lam=0.6):
     w = torch.ones(schedule.T, dtype=torch.float64)
     w[:tau] = (1 - lam) + (2 * lam - 1) * (g - g.min()) / (g.max() - g.min()).clamp(min=1e-30)
     return w
-
-# ------------------------------------------------------------------------------------------------
-# 6. Strategies: a distribution P(t) over steps and a loss weight w(t). SpeeD and the baselines
-#    share one sampler: inverse-CDF search on the device (one small kernel, no host sync).
-#    P2 (Choi et al. 2022) and Min-SNR-gamma (Hang et al. 2023) are defined for eps-prediction; for
-#    x0 or v targets their weights are converted so the objective stays the same, since
-#    |e_eps|^2 = SNR |e_x0|^2 = SNR / (SNR + 1) |e_v|^2. SpeeD's weights multiply any target's MSE.
-# ------------------------------------------------------------------------------------------------
-
-def _normal_bin_probs(z):
-    """Standard-normal mass of the len(z) + 1 bins between sorted edges z."""
+# ---- 6. Strategies: a distribution P(t) over steps and a loss weight w(t) --------------------------------------------
+#      One sampler for all (inverse-CDF search on the device); one builder per strategy, its defaults (the published
+#      values) in its signature. P2 and Min-SNR weight eps-prediction; for x0 or v targets they are converted to the
+#      same objective: |e_eps|^2 = SNR |e_x0|^2 = SNR / (SNR + 1) |e_v|^2.
+def _normal_bin_probs(z):  # standard-normal mass of the len(z) + 1 bins between sorted edges z
     cdf = 0.5 * (1 + torch.special.erf(z / math.sqrt(2)))
     return torch.cat([cdf.new_zeros(1), cdf, cdf.new_ones(1)]).diff()
 
 class Strategy:
-    """P(t) and w(t). `config` names the strategy and all its options. With dual_m (SpeeD's dual
-    sampling, official code only) half a batch is drawn from P and mirrored to |t - m|; `probs` is
-    then the marginal of one draw of a large even batch."""
-
+    """P(t) and w(t); `config` names the strategy and all its options. With dual_m (SpeeD's dual sampling, official code
+    only) half a batch is drawn from P and mirrored to |t - m|; `probs` is then the marginal of a large even batch."""
     def __init__(self, config, schedule, probs, weights=None, eps_space=False, dual_m=None):
-        self.config, self.name, self.schedule, self.T, self.dual_m = config, config["name"], schedule, schedule.T, dual_m
-        self._probs, self._weights, self._eps_space, self._tables = probs / probs.sum(), weights, eps_space, {}
+        self.config, self.name, self.schedule, self.T, self._tables = config, config["name"], schedule, schedule.T, {}
+        self._probs, self._weights, self._eps_space, self.dual_m = probs / probs.sum(), weights, eps_space, dual_m
 
     @property
     def probs(self):  # P(a sampled step = t), float64 on the CPU
         if self.dual_m is None:
             return self._probs.clone()
-        return (self._probs + torch.zeros_like(self._probs).index_add_(0, (torch.arange(self.T) - self.dual_m).abs(),
-                                                                       self._probs)) / 2
+        mirror = torch.zeros_like(self._probs).index_add_(0, (torch.arange(self.T) - self.dual_m).abs(), self._probs)
+        return (self._probs + mirror) / 2
 
-    def weights(self, target="eps"):  # w(t) for `target`, float64 of length T
+    def weights(self, target="eps"):  # w(t) for `target`, float64 of length T (eps-space weights converted)
         _check_choice("target", target, TARGETS)
         w = self._weights if self._weights is not None else torch.ones(self.T, dtype=torch.float64)
         snr = self.schedule.snr
@@ -265,40 +207,36 @@ class Strategy:
 
     def area_shares(self, areas, target="eps"):
         """Each area's share of sum_t P(t) w(t): how much of the objective the strategy gives it."""
-        _check(isinstance(areas, Areas) and areas.T == self.T, f"areas must be find_areas(...) of a T={self.T} schedule")
+        _check(isinstance(areas, Areas) and areas.T == self.T, f"areas must be find_areas() of a T={self.T} schedule")
         s = torch.bincount(areas.label(torch.arange(self.T)), weights=self.probs * self.weights(target), minlength=3)
         return dict(zip(AREA_NAMES, (s / s.sum()).tolist()))
 
     def state_dict(self):  # a strategy with state (loss-aware) saves it with the checkpoint
         return {}
-
     def load_state_dict(self, state):
         pass
 
 class LossAwareStrategy(Strategy):
-    """Loss-aware importance sampling (improved DDPM, Nichol & Dhariwal 2021, Sec. 3.3): P(t) ~
-    sqrt(E[L_t^2]) over the last `history` losses of each t, mixed with `uniform_mix` of uniform, and
-    uniform until every t has `history` losses. w = 1 / (T P(t)) keeps the objective unbiased."""
-
+    """Improved DDPM's loss-aware sampling (Nichol & Dhariwal 2021, Sec. 3.3): P(t) ~ sqrt(E[L_t^2]) over t's last
+    `history` losses, mixed with `uniform_mix` of uniform (uniform until all t have `history`); w = 1 / (T P(t))."""
     def __init__(self, config, schedule, history, uniform_mix):
         super().__init__(config, schedule, torch.ones(schedule.T, dtype=torch.float64))
         self.history, self.uniform_mix = history, uniform_mix
         self.losses, self.counts = torch.zeros(schedule.T, history, dtype=torch.float64), torch.zeros(schedule.T).long()
 
-    def _current(self, device):
+    def _current(self, device):  # P(t), computed on `device` (the buffers move there)
         self.losses, self.counts = self.losses.to(device), self.counts.to(device)
         p = (self.losses ** 2).mean(1).sqrt()
         p = p / p.sum().clamp(min=1e-300) * (1 - self.uniform_mix) + self.uniform_mix / self.T
         return torch.where((self.counts >= self.history).all(), p, torch.full_like(p, 1.0 / self.T))
 
-    def _table(self, device, target):  # P changes with every update: computed on the device each call
+    def _table(self, device, target):
         _check_choice("target", target, TARGETS)
         p = self._current(device)
         cdf = p.cumsum(0)
         return cdf / cdf[-1], (1.0 / (self.T * p)).float()
 
     probs = property(lambda self: self._current(self.losses.device).cpu())
-
     def weights(self, target="eps"):
         _check_choice("target", target, TARGETS)
         return 1.0 / (self.T * self.probs)
@@ -314,30 +252,25 @@ class LossAwareStrategy(Strategy):
 
     def state_dict(self):
         return {"losses": self.losses.cpu(), "counts": self.counts.cpu()}
-
     def load_state_dict(self, state):
         self.losses, self.counts = state["losses"].to(self.losses.device), state["counts"].to(self.losses.device)
-
-# One builder per strategy; its signature holds the defaults (the published values).
 
 def uniform_strategy(schedule):
     """t ~ U{0 ... T-1}, w = 1: the DDPM baseline."""
     return Strategy(dict(name="uniform"), schedule, torch.ones(schedule.T, dtype=torch.float64))
 
 def speed_strategy(schedule, k=5, tau=None, lam=0.6, dual=False, threshold=0.1):
-    """SpeeD: asymmetric sampling (k, tau) and change-aware weighting (lam; None: no weighting).
-    tau=None takes find_areas(schedule, threshold).tau. dual: the official code's dual sampling."""
+    """SpeeD: asymmetric sampling (k, tau: by default find_areas' tau), change-aware weighting (lam), dual sampling."""
     _check(isinstance(dual, bool), f"dual must be True or False; got {dual!r}")
     _check_threshold(threshold)
     tau = find_areas(schedule, threshold).tau if tau is None else tau
-    config = dict(name="speed", k=k, tau=tau, lam=lam, dual=dual, threshold=threshold)
-    return Strategy(config, schedule, speed_probs(schedule.T, tau, k),
-                    speed_weights(schedule, tau, lam) if lam is not None else None, dual_m=dual_step(schedule) if dual else None)
+    return Strategy(dict(name="speed", k=k, tau=tau, lam=lam, dual=dual, threshold=threshold), schedule,
+                    speed_probs(schedule.T, tau, k), speed_weights(schedule, tau, lam) if lam is not None else None,
+                    dual_m=dual_step(schedule) if dual else None)
 
 def _p2_weights(schedule, k, gamma):
     _check(_is_num(k) and k > 0 and _is_num(gamma, 0), f"p2 needs k > 0 and gamma >= 0; got k={k!r}, gamma={gamma!r}")
     return 1.0 / (k + schedule.snr) ** gamma
-
 def p2_strategy(schedule, k=1.0, gamma=1.0):
     """P2 weighting (Choi et al. 2022): w = 1 / (k + SNR)^gamma in eps space; t uniform."""
     return Strategy(dict(name="p2", k=k, gamma=gamma), schedule, torch.ones(schedule.T, dtype=torch.float64),
@@ -350,8 +283,7 @@ def min_snr_strategy(schedule, gamma=5.0):
                     schedule.snr.clamp(max=gamma) / schedule.snr, eps_space=True)
 
 def lognormal_strategy(schedule, p_mean=-1.2, p_std=1.2):
-    """EDM (Karras et al. 2022): ln sigma ~ N(p_mean, p_std^2), moved to the nearest step in ln sigma:
-    P(t) is the normal mass of t's bin (edges at midpoints)."""
+    """EDM (Karras et al. 2022): ln sigma ~ N(p_mean, p_std^2) moved to the nearest step: P(t) is its bin's mass."""
     _check(_is_num(p_mean) and _is_num(p_std) and p_std > 0, f"lognormal needs p_std > 0; got {p_std!r}")
     ls = schedule.sigma.log()
     return Strategy(dict(name="lognormal", p_mean=p_mean, p_std=p_std), schedule,
@@ -361,20 +293,22 @@ def logitnormal_strategy(schedule, mean=0.0, std=1.0):
     """SD3 (Esser et al. 2024): u ~ N(mean, std^2), t = round(sigmoid(u) (T - 1)); P(t) exactly."""
     _check(_is_num(mean) and _is_num(std) and std > 0, f"logitnormal needs std > 0; got {std!r}")
     edges = (torch.arange(schedule.T - 1, dtype=torch.float64) + 0.5) / (schedule.T - 1)
-    return Strategy(dict(name="logitnormal", mean=mean, std=std), schedule, _normal_bin_probs((torch.logit(edges) - mean) / std))
+    return Strategy(dict(name="logitnormal", mean=mean, std=std), schedule,
+                    _normal_bin_probs((torch.logit(edges) - mean) / std))
 
 def loss_aware_strategy(schedule, history=10, uniform_mix=1e-3):
     """Improved-DDPM importance sampling; train() calls strategy.update(t, mse) after each step."""
     _check(_is_int(history, 1), f"history must be an integer >= 1; got {history!r}")
     _check(_is_num(uniform_mix) and 0 < uniform_mix <= 1, f"uniform_mix must be in (0, 1]; got {uniform_mix!r}")
-    return LossAwareStrategy(dict(name="loss_aware", history=history, uniform_mix=uniform_mix), schedule, history, uniform_mix)
+    config = dict(name="loss_aware", history=history, uniform_mix=uniform_mix)
+    return LossAwareStrategy(config, schedule, history, uniform_mix)
 
 def speedit_strategy(schedule, k=5, tau=None, threshold=0.1, p2_k=1.0, p2_gamma=1.0):
     """The early public "SpeeDiT" recipe: SpeeD's k:1 asymmetric sampling with P2 weighting."""
     _check_threshold(threshold)
     tau = find_areas(schedule, threshold).tau if tau is None else tau
-    config = dict(name="speedit", k=k, tau=tau, threshold=threshold, p2_k=p2_k, p2_gamma=p2_gamma)
-    return Strategy(config, schedule, speed_probs(schedule.T, tau, k), _p2_weights(schedule, p2_k, p2_gamma), eps_space=True)
+    return Strategy(dict(name="speedit", k=k, tau=tau, threshold=threshold, p2_k=p2_k, p2_gamma=p2_gamma), schedule,
+                    speed_probs(schedule.T, tau, k), _p2_weights(schedule, p2_k, p2_gamma), eps_space=True)
 
 BUILDERS = dict(uniform=uniform_strategy, speed=speed_strategy, p2=p2_strategy, min_snr=min_snr_strategy,
                 lognormal=lognormal_strategy, logitnormal=logitnormal_strategy, loss_aware=loss_aware_strategy,
@@ -389,16 +323,11 @@ def make_strategy(name, schedule, **options):
     unknown = sorted(set(options) - set(allowed))
     _check(not unknown, f"unknown option(s) {unknown} for strategy {name!r}; valid: {allowed or 'none'}")
     return BUILDERS[name](schedule, **options)
-
-# ------------------------------------------------------------------------------------------------
-# 7. Loss: the weighted denoising MSE, mean_i w(t_i) |model(x_t_i, t_i) - target_i|^2 (paper eq. 8;
-#    DDPM's "simple" loss when w = 1). Targets eps, x0 or v = sqrt(abar) eps - sqrt(1-abar) x0.
-# ------------------------------------------------------------------------------------------------
-
+# ---- 7. Loss: the weighted denoising MSE (paper eq. 8) ---------------------------------------------------------------
+#      mean_i w(t_i) |model(x_t_i, t_i) - target_i|^2 ; target eps, x0 or v = sqrt(abar) eps - sqrt(1-abar) x0
 def diffusion_loss(model, x0, schedule, strategy=None, *, t=None, w=None, noise=None, target="eps",
                    generator=None, **model_kwargs):
-    """(loss, info). Steps t and weights w are drawn from `strategy` unless given; info holds t, the
-    per-sample unweighted MSE (detached; for per-area curves and loss-aware sampling) and w."""
+    """(loss, info): t and w are drawn from `strategy` unless given; info: t, w and the per-sample MSE (detached)."""
     _check(torch.is_tensor(x0) and x0.is_floating_point() and x0.ndim >= 2, "x0 must be a float tensor [N, C, H, W]")
     _check_choice("target", target, TARGETS)
     _check_schedule(schedule)
@@ -409,25 +338,24 @@ def diffusion_loss(model, x0, schedule, strategy=None, *, t=None, w=None, noise=
         _check(strategy is not None and w is None, "pass a strategy, or t (and optionally w)")
         t, w = strategy.sample(n, x0.device, generator, target=target)
     else:
-        _check(torch.is_tensor(t) and not t.is_floating_point() and t.shape == (n,), f"t must be an integer tensor [{n}]")
-        _check(t.is_cuda or bool(((t >= 0) & (t < schedule.T)).all()), f"t must lie in [0, T-1] = [0, {schedule.T - 1}]")
+        _check(torch.is_tensor(t) and not t.is_floating_point() and t.shape == (n,),
+               f"t must be an integer tensor [{n}]")
+        _check(t.is_cuda or bool(((t >= 0) & (t < schedule.T)).all()),  # checked off the GPU only: no host sync
+               f"t must lie in [0, T-1] = [0, {schedule.T - 1}]")
         if w is None:
             w = strategy.weight_of(t, target) if strategy is not None else torch.ones(n, device=x0.device)
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device if generator is None else generator.device).to(x0.device)
+        gdev = x0.device if generator is None else generator.device
+        noise = torch.randn(x0.shape, generator=generator, device=gdev).to(x0.device)
     a, s = (c[t].view(-1, *[1] * (x0.ndim - 1)) for c in schedule.scales(x0.device))
     x0 = x0.float()
     goal = {"eps": noise, "x0": x0, "v": a * noise - s * x0}[target]
     out = model(a * x0 + s * noise, t, **model_kwargs)
     mse = ((out.float() - goal) ** 2).flatten(1).mean(1)
     return (w * mse).mean(), {"t": t, "mse": mse.detach(), "w": w}
-
-# ========================================== PART II: A SMALL TESTBED ============================================
-# 8. Network: a compact DDPM UNet (Ho et al. 2020, App. B; scale-shift conditioning from improved
-#    DDPM). Sinusoidal time embedding -> MLP; residual blocks with GroupNorm and SiLU; self-attention
-#    at the resolutions in attn_res; skip connections from each encoder level to the decoder.
-# ------------------------------------------------------------------------------------------------
-
+# ============================================== PART II: A SMALL TESTBED ==============================================
+# ---- 8. Network: a compact DDPM UNet (Ho et al. 2020, App. B; scale-shift conditioning from improved DDPM) -----------
+#      Time embedding -> MLP; residual blocks (GroupNorm, SiLU), attention at attn_res; skips from encoder to decoder.
 def timestep_embedding(t, dim, max_period=10000.0):
     """Transformer-style sinusoidal embedding of steps t -> [N, dim]."""
     freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device, dtype=torch.float32) / (dim // 2))
@@ -436,22 +364,17 @@ def timestep_embedding(t, dim, max_period=10000.0):
 
 def _norm(c):  # GroupNorm, at most 32 groups of >= 2 channels (1 a group would cancel the time embedding)
     return nn.GroupNorm(math.gcd(32, max(c // 2, 1)), c)
-
 def _zero(module):  # zero-initialised output layers: every block starts as the identity
-    nn.init.zeros_(module.weight)
-    nn.init.zeros_(module.bias)
+    nn.init.zeros_(module.weight), nn.init.zeros_(module.bias)
     return module
 
 class ResBlock(nn.Module):  # GroupNorm-SiLU-conv twice, the time embedding added (or scale-shift) in between
     def __init__(self, cin, cout, emb_dim, dropout, scale_shift):
         super().__init__()
-        self.scale_shift = scale_shift
-        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.scale_shift, self.norm1, self.conv1 = scale_shift, _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * cout if scale_shift else cout)
-        self.norm2, self.drop = _norm(cout), nn.Dropout(dropout)
-        self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
+        self.norm2, self.drop, self.conv2 = _norm(cout), nn.Dropout(dropout), _zero(nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
     def forward(self, x, emb):
         h, e = self.conv1(F.silu(self.norm1(x))), rearrange(self.emb(F.silu(emb)), "b c -> b c 1 1")
         scale, shift = e.chunk(2, dim=1) if self.scale_shift else (None, None)
@@ -463,16 +386,14 @@ class Attention(nn.Module):  # multi-head self-attention over the pixels, residu
         super().__init__()
         self.heads, self.norm = heads, _norm(c)
         self.qkv, self.proj = nn.Conv2d(c, 3 * c, 1), _zero(nn.Conv2d(c, c, 1))
-
     def forward(self, x):
         q, k, v = rearrange(self.qkv(self.norm(x)), "b (three h d) x y -> three b h (x y) d", three=3, h=self.heads)
         o = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(rearrange(o, "b h (x y) d -> b (h d) x y", x=x.shape[2]))
 
-class Upsample(nn.Conv2d):
+class Upsample(nn.Conv2d):  # nearest-neighbour 2x, then the convolution
     def forward(self, x):
         return super().forward(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
 class EmbSequential(nn.ModuleList):  # layers in order; residual blocks also get the embedding
     def forward(self, x, emb):
         for layer in self:
@@ -480,16 +401,16 @@ class EmbSequential(nn.ModuleList):  # layers in order; residual blocks also get
         return x
 
 class UNet(nn.Module):
-    """forward(x, t, y=None): x [N, C, H, W] in about [-1, 1], t [N] integer steps, y [N] class labels
-    (with num_classes) -> a prediction shaped like x. `config` holds the constructor's arguments."""
-
+    """forward(x [N, C, H, W] in [-1, 1], t [N], y [N] labels with num_classes) -> [N, C, H, W]; config: the args."""
     def __init__(self, img_channels=3, img_res=32, ch=128, ch_mult=(1, 2, 2, 2), num_blocks=2,
                  attn_res=(16,), dropout=0.1, num_classes=None, heads=1, scale_shift=True):
         super().__init__()
         _check(_is_int(ch, 2) and ch % 2 == 0, f"ch must be an even integer >= 2; got {ch!r}")
         _check(len(ch_mult) >= 1 and _is_int(num_blocks, 1), "ch_mult must be non-empty and num_blocks >= 1")
-        _check(img_res % 2 ** (len(ch_mult) - 1) == 0, f"img_res must be divisible by 2^(len(ch_mult)-1); got {img_res}")
-        self.config = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items() if k not in ("self", "__class__")}
+        _check(img_res % 2 ** (len(ch_mult) - 1) == 0,
+               f"img_res must be divisible by 2^(len(ch_mult)-1) = {2 ** (len(ch_mult) - 1)}; got {img_res}")
+        self.config = {k: list(v) if isinstance(v, tuple) else v
+                       for k, v in locals().items() if k not in ("self", "__class__")}
         self.ch, emb_dim = ch, 4 * ch
         block = lambda cin, cout: ResBlock(cin, cout, emb_dim, dropout, scale_shift)  # noqa: E731
         attn = lambda c, res: [Attention(c, heads)] if res in attn_res else []  # noqa: E731
@@ -500,11 +421,9 @@ class UNet(nn.Module):
         for i, m in enumerate(ch_mult):                       # encoder: blocks, then downsample
             for _ in range(num_blocks):
                 layer, c = block(c, ch * m), ch * m
-                self.down.append(EmbSequential([layer, *attn(c, res)]))
-                skips.append(c)
+                self.down.append(EmbSequential([layer, *attn(c, res)])), skips.append(c)
             if i < len(ch_mult) - 1:
-                self.down.append(EmbSequential([nn.Conv2d(c, c, 3, stride=2, padding=1)]))
-                skips.append(c)
+                self.down.append(EmbSequential([nn.Conv2d(c, c, 3, stride=2, padding=1)])), skips.append(c)
                 res //= 2
         self.mid = EmbSequential([block(c, c), Attention(c, heads), block(c, c)])
         for i, m in reversed(list(enumerate(ch_mult))):       # decoder: blocks on the skips, then upsample
@@ -529,45 +448,33 @@ class UNet(nn.Module):
             h = layer(h if isinstance(layer[0], Upsample) else torch.cat([h, hs.pop()], dim=1), emb)
         return self.out(h)
 
-# Named sizes (parameters and forward GFLOP per 32x32 image: see make_unet).
-UNET_SIZES = {
-    "tiny": dict(ch=32, ch_mult=(1, 2, 2, 2), num_blocks=2, attn_res=(16,), dropout=0.1),
-    "small": dict(ch=64, ch_mult=(1, 2, 2, 2), num_blocks=2, attn_res=(16,), dropout=0.1),
-    "ddpm": dict(ch=128, ch_mult=(1, 2, 2, 2), num_blocks=2, attn_res=(16,), dropout=0.1, scale_shift=False),
-}
+UNET_SIZES = {"tiny": dict(ch=32, ch_mult=(1, 2, 2, 2), num_blocks=2, attn_res=(16,), dropout=0.1),  # see make_unet
+              "small": dict(ch=64, ch_mult=(1, 2, 2, 2), num_blocks=2, attn_res=(16,), dropout=0.1),
+              "ddpm": dict(ch=128, ch_mult=(1, 2, 2, 2), num_blocks=2, attn_res=(16,), dropout=0.1, scale_shift=False)}
 
 def make_unet(size="tiny", **overrides):
-    """tiny (2.4M parameters, 0.84 GFLOP forward per 32x32 image), small (9.6M, 3.2 GFLOP) or ddpm
-    (35.7M, 12.4 GFLOP: DDPM's CIFAR-10 network). Keyword overrides (img_res, num_classes...) win."""
+    """tiny (2.4M parameters, 0.84 GFLOP per 32x32 image), small (9.6M, 3.2), ddpm (35.7M, 12.4: DDPM's CIFAR-10)."""
     _check_choice("size", size, tuple(UNET_SIZES))
     return UNet(**{**UNET_SIZES[size], **overrides})
-
-# ------------------------------------------------------------------------------------------------
-# 9. Training: data as uint8 on the device, AdamW with linear warm-up, gradient clipping, EMA with
-#    warm-up, bf16 autocast (fp16 + GradScaler on GPUs without bf16, e.g. a T4; fp32 on the CPU).
-#    On a GPU the whole step (time steps, noise, forward, backward, clipping, AdamW, EMA, loss sums)
-#    is one CUDA graph: the eager step's code, captured once and replayed. Checkpoints are atomic,
-#    resume bit for bit and refuse another experiment. Under torchrun the global batch is split
-#    over the ranks (DistributedDataParallel), so the math does not depend on their number.
-# ------------------------------------------------------------------------------------------------
-
+# ---- 9. Training: AdamW with linear warm-up, gradient clipping, EMA with warm-up (DDPM, Ho et al. 2020, App. B) ------
+#      bf16 autocast (fp16 + GradScaler on older GPUs, fp32 on the CPU). On a GPU the whole step is one CUDA graph;
+#      under torchrun the global batch is split over the ranks, so the math does not depend on their number.
 def pick_precision(device, precision="auto"):
     """'bf16' on GPUs with compute capability >= 8, 'fp16' on older GPUs, 'fp32' on the CPU."""
     _check_choice("precision", precision, ("auto", "bf16", "fp16", "fp32"))
     if precision != "auto" or torch.device(device).type != "cuda":
         return precision if precision != "auto" else "fp32"
     return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
-
 def _autocast(device, precision):  # no cast-weight cache: it would go stale inside a CUDA graph
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(torch.device(device).type, dtype or torch.float32, enabled=dtype is not None, cache_enabled=False)
+    kind, dtype = torch.device(device).type, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(kind, dtype or torch.float32, enabled=dtype is not None, cache_enabled=False)
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    """ema <- decay ema + (1 - decay) model for the parameters (decay: float or 0-d tensor; no host
-    sync); buffers are copied."""
+    """ema <- decay ema + (1 - decay) model on parameters (decay: float or 0-d tensor, no host sync); copies buffers."""
     e = list(ema.parameters())
-    torch._foreach_add_(e, torch._foreach_mul(torch._foreach_sub([p.detach() for p in model.parameters()], e), 1 - decay))
+    delta = torch._foreach_sub([p.detach() for p in model.parameters()], e)
+    torch._foreach_add_(e, torch._foreach_mul(delta, 1 - decay))
     for be, bm in zip(ema.buffers(), model.buffers()):
         be.copy_(bm)
 
@@ -576,13 +483,11 @@ def ema_decay_at(step, ema_decay):
     return min(ema_decay, (1 + step) / (10 + step))
 
 class Replayer:
-    """Calls fn(). With graph=True the first `warmup` calls run eagerly on a side stream, the next is
-    captured in a CUDA graph and later calls replay it. fn may only touch tensors that outlive it;
-    `generators` are the custom RNGs it draws from."""
-
+    """Calls fn(); with graph=True the first `warmup` calls run eagerly on a side stream, the next is captured in a CUDA
+    graph, later calls replay it. fn may touch only tensors that outlive it; `generators`: the RNGs it draws from."""
     def __init__(self, fn, graph=False, generators=(), warmup=3, stream=None):
-        self.fn, self.graph, self.generators, self.warmup, self.calls, self.cuda_graph = fn, graph, generators, warmup, 0, None
-        self.stream = stream or (torch.cuda.Stream() if graph else None)
+        self.fn, self.graph, self.generators, self.warmup = fn, graph, generators, warmup
+        self.calls, self.cuda_graph, self.stream = 0, None, stream or (torch.cuda.Stream() if graph else None)
 
     def __call__(self):
         self.calls += 1
@@ -615,35 +520,25 @@ class TrainResult:
     schedule: Schedule
     interrupted: bool = False
 
-def _epoch_order(n, seed, epoch, device):
-    """Permutation and flip flags of one epoch, a function of (seed, epoch) alone."""
-    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g, device=device), torch.rand(n, generator=g, device=device) < 0.5
-
-def _save_atomic(obj, path):
+def _save_atomic(obj, path):  # write, then rename: a reader never sees half a file
     torch.save(obj, f"{path}.tmp{os.getpid()}")
     os.replace(f"{path}.tmp{os.getpid()}", path)
-
-def _plain(x, what):
-    """x as plain JSON values (numpy scalars become numbers): what torch.load(weights_only=True) reads."""
+def _plain(x, what):  # x as plain JSON values (numpy scalars become numbers): what torch.load(weights_only=True) reads
     def number(v):
-        _check(getattr(v, "size", 0) == 1 and hasattr(v, "item"), f"{what} may hold only numbers, strings, lists "
-                                                                   f"and dicts; got {type(v).__name__}")
+        _check(getattr(v, "size", 0) == 1 and hasattr(v, "item"),
+               f"{what} may hold only numbers, strings, lists and dicts; got {type(v).__name__}")
         return v.item()
     return json.loads(json.dumps(x, default=number))
 
-def _save_checkpoint(path, parts, gens, **state):
-    """parts' state_dicts, the RNG states and `state` (step, history, extra, ...), written atomically."""
+def _save_checkpoint(path, parts, gens, **state):  # parts' state_dicts, the RNG states and `state`, atomically
     rng = dict(gens=[g.get_state() for g in gens], cpu=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state(gens[0].device) if gens[0].device.type == "cuda" else None)
     _save_atomic({**{k: v.state_dict() for k, v in parts.items()}, "rng": rng, **state}, path)
-
-def _load_checkpoint(path, parts, gens, experiment):
-    """Restores parts and RNGs from a checkpoint of the same experiment; returns the whole checkpoint."""
+def _load_checkpoint(path, parts, gens, experiment):  # restores parts and RNGs from the same experiment's checkpoint
     ck = torch.load(path, map_location="cpu", weights_only=True)
     before = ck.get("experiment", {})
-    differ = [f"{k}: {before.get(k)!r} there, {experiment.get(k)!r} now" for k in sorted(experiment.keys() | before.keys())
-              if experiment.get(k) != before.get(k)]
+    differ = [f"{k}: {before.get(k)!r} there, {experiment.get(k)!r} now"
+              for k in sorted(experiment.keys() | before.keys()) if experiment.get(k) != before.get(k)]
     _check(not differ, f"checkpoint {path} is of another experiment; differing: {'; '.join(differ)}")
     for k, v in parts.items():
         v.load_state_dict(ck[k])
@@ -654,57 +549,43 @@ def _load_checkpoint(path, parts, gens, experiment):
         torch.cuda.set_rng_state(ck["rng"]["cuda"], gens[0].device)
     return ck
 
-class _StopOnSignal:
-    """SIGINT / SIGTERM set `requested` (the loop stops after the current step); a second one raises."""
-
+class _StopOnSignal:  # SIGINT / SIGTERM set `requested` (the loop stops after the current step); a second one raises
     def __enter__(self):
-        main = threading.current_thread() is threading.main_thread()
-        self.requested, self.before = False, {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM) if main}
+        sigs = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        self.requested, self.before = False, {s: signal.signal(s, self._handle) for s in sigs}
         return self
-
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-
     def __exit__(self, *exc):
         for s, handler in self.before.items():
             signal.signal(s, handler)
-
-def _any_rank(flag, device, world):
-    """True on every rank if `flag` is True on any (one small all-reduce; nothing on one process)."""
-    if world == 1:
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, warmup=500, grad_clip=1.0,
           weight_decay=0.0, ema_decay=0.9999, target="eps", labels=None, precision="auto", graph=True, compile=False,
           flip=True, seed=0, device=None, log_every=100, callback=None, callback_every=0, ckpt_path=None,
           ckpt_minutes=5.0, resume=True, experiment=None, progress=True):
-    """Train `model` (called as model(x_t, t) or model(x_t, t, y=labels)) on uint8 images [N, C, H, W].
-
-    callback(result) runs every callback_every steps and after the last, on rank 0; True stops
-    training. With ckpt_path, a checkpoint is written every ckpt_minutes, at a stop, on SIGINT or
-    SIGTERM (then result.interrupted) and at the end; resume=True continues it if it is of the same
-    experiment (these settings, strategy.config, the model's shapes, the caller's `experiment` dict).
-    graph: one CUDA graph per step on a GPU; compile: torch.compile the network inside it (fewer,
-    fused kernels). Seeds the global RNG (dropout) with `seed`."""
+    """Train `model` (model(x_t, t[, y=labels])) on uint8 images [N, C, H, W]. callback(result) runs on rank 0 every
+    callback_every steps and after the last; True stops. With ckpt_path a checkpoint is written every ckpt_minutes, at a
+    stop, on SIGINT/SIGTERM (then result.interrupted) and at the end; resume continues one of the same experiment."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    _check(isinstance(model, nn.Module) and len(list(model.parameters())) > 0, "model must be an nn.Module with parameters")
-    _check(torch.is_tensor(images) and images.dtype == torch.uint8 and images.ndim == 4, "images must be uint8 [N, C, H, W]")
+    _check(isinstance(model, nn.Module) and len([*model.parameters()]), "model must be an nn.Module with parameters")
+    _check(torch.is_tensor(images) and images.dtype == torch.uint8 and images.ndim == 4,
+           "images must be uint8 [N, C, H, W]")
     _check(labels is None or (torch.is_tensor(labels) and labels.shape == (len(images),)), "labels must be None or [N]")
-    _check(isinstance(strategy, Strategy) and strategy.T == schedule.T, "strategy must come from make_strategy with the schedule's T")
+    _check(isinstance(strategy, Strategy) and strategy.T == schedule.T,
+           "strategy must come from make_strategy with the schedule's T")
     _check_choice("target", target, TARGETS)
-    for name, ok, valid in (("steps", _is_int(steps, 1), "an integer >= 1"), ("lr", _is_num(lr) and lr > 0, "a number > 0"),
-                            ("batch_size", _is_int(batch_size, 1, len(images)) and batch_size % world == 0,
-                             f"an integer in [1, {len(images)}] divisible by the {world} rank(s)"),
-                            ("warmup", _is_int(warmup, 0), "an integer >= 0"), ("log_every", _is_int(log_every, 1), "an integer >= 1"),
-                            ("grad_clip", _is_num(grad_clip, 0), "a number >= 0 (0: no clipping)"),
-                            ("ema_decay", _is_num(ema_decay, 0) and ema_decay < 1, "a number in [0, 1)"),
-                            ("ckpt_minutes", _is_num(ckpt_minutes, 0), "a number >= 0")):
-        _check(ok, f"{name} must be {valid}; got {locals()[name]!r}")
+    for name, ok, what in (
+            ("steps", _is_int(steps, 1), "an integer >= 1"), ("lr", _is_num(lr) and lr > 0, "a number > 0"),
+            ("batch_size", _is_int(batch_size, 1, len(images)) and batch_size % world == 0,
+             f"an integer in [1, {len(images)}] divisible by the {world} rank(s)"),
+            ("warmup", _is_int(warmup, 0), "an integer >= 0"), ("log_every", _is_int(log_every, 1), "an integer >= 1"),
+            ("grad_clip", _is_num(grad_clip, 0), "a number >= 0 (0: no clipping)"),
+            ("ema_decay", _is_num(ema_decay, 0) and ema_decay < 1, "a number in [0, 1)"),
+            ("ckpt_minutes", _is_num(ckpt_minutes, 0), "a number >= 0")):
+        _check(ok, f"{name} must be {what}; got {locals()[name]!r}")
     device = torch.device(device) if device is not None else torch.device(
         "cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     precision = pick_precision(device, precision)
@@ -719,14 +600,14 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
                             capturable=graph)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     gens = [torch.Generator(device=device).manual_seed(seed + 1), torch.Generator(device=device).manual_seed(seed + 2)]
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # train() seeds the global RNG too
     net, side = model, torch.cuda.Stream(device) if graph else None  # side: warm-up and capture (and DDP's) stream
     if world > 1:
         with torch.cuda.stream(side) if graph else contextlib.nullcontext():
             net = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None)
-    net = torch.compile(net) if compile else net
+    net = torch.compile(net) if compile else net  # fewer, fused kernels inside the CUDA graph
 
-    # the experiment's identity; the checkpoint to continue (with the partial log sums)
+    # the experiment (settings, strategy.config, model shapes, the caller's dict); its checkpoint, resumed bit for bit
     experiment = _plain(dict(batch_size=batch_size, seed=seed, lr=lr, warmup=warmup, grad_clip=grad_clip, flip=flip,
                              weight_decay=weight_decay, ema_decay=ema_decay, target=target, world_size=world,
                              schedule=[schedule.T, round(float(schedule.alpha_bar.sum()), 9)], strategy=strategy.config,
@@ -778,10 +659,12 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
     model.train()
     with _StopOnSignal() as signals:
         for step in range(start, steps):
-            # this step's batch, flips, learning rate (linear warm-up) and EMA decay
+            # this step's batch and flips (an epoch's order is a function of (seed, epoch)), lr (warm-up), EMA decay
             if step // per_epoch != epoch:
                 epoch = step // per_epoch
-                order, flips = _epoch_order(len(images), seed, epoch, device)
+                g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+                order = torch.randperm(len(images), generator=g, device=device)
+                flips = torch.rand(len(images), generator=g, device=device) < 0.5
             batch = order[(step % per_epoch) * batch_size:][:batch_size][rank * b:][:b]
             idx.copy_(batch), flipped.copy_(flips[batch])
             value = lr * min(1.0, (step + 1) / warmup) if warmup else lr
@@ -793,26 +676,31 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
 
             # logs (the only host sync), then the callback, stop requests and checkpoints
             if done % log_every == 0 or done == steps:
-                total = torch.stack([sums, counts]) if world == 1 else _all_sum(torch.stack([sums, counts]))
+                total = torch.stack([sums, counts])
+                if world > 1:
+                    dist.all_reduce(total)
                 s, c = (total[0] / total[1].clamp(min=1)).tolist(), total[1].tolist()
-                _check(math.isfinite(s[0]), f"loss became {s[0]} at step {done}: lower lr (now {lr}) or use precision='fp32'")
+                _check(math.isfinite(s[0]), f"loss became {s[0]} at step {done}: lower lr or use precision='fp32'")
                 now = time.perf_counter()
-                history.append(dict(step=done, loss=s[0], img_per_s=(done - tick_step) * batch_size / max(now - tick, 1e-9),
-                                    lr=value, **{f"mse_{a}": s[i + 1] if c[i + 1] else float("nan")
-                                                 for i, a in enumerate(AREA_NAMES)}))
-                bar.set_postfix(loss=f"{s[0]:.4f}", img_s=f"{history[-1]['img_per_s']:.0f}")
+                img_s = (done - tick_step) * batch_size / max(now - tick, 1e-9)
+                history.append(dict(step=done, loss=s[0], img_per_s=img_s, lr=value, **{
+                    f"mse_{a}": s[i + 1] if c[i + 1] else float("nan") for i, a in enumerate(AREA_NAMES)}))
+                bar.set_postfix(loss=f"{s[0]:.4f}", img_s=f"{img_s:.0f}")
                 sums.zero_(), counts.zero_()
                 tick, tick_step = now, done
             stop = False
-            if callback is not None and rank == 0 and ((callback_every and done % callback_every == 0) or done == steps):
+            if callback is not None and rank == 0 and (callback_every and done % callback_every == 0 or done == steps):
                 model.eval()
                 stop = bool(callback(result))
                 model.train()
-            result.interrupted = signals.requested
-            stop = _any_rank(stop or signals.requested, device, world)
+            result.interrupted, stop = signals.requested, stop or signals.requested
+            if world > 1:  # every rank stops if one asks to
+                flag = torch.tensor(float(stop), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item())
             if ckpt_path and rank == 0 and (stop or done == steps or time.time() - saved_at > 60 * ckpt_minutes):
-                _save_checkpoint(ckpt_path, parts, gens, step=done, history=history, extra=_plain(extra, "result.extra"),
-                                 experiment=experiment, sums=sums.cpu(), counts=counts.cpu())
+                _save_checkpoint(ckpt_path, parts, gens, step=done, history=history, experiment=experiment,
+                                 extra=_plain(extra, "result.extra"), sums=sums.cpu(), counts=counts.cpu())
                 saved_at = time.time()
             if stop:
                 break
@@ -821,54 +709,32 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
     bar.close()
     model.eval()
     return result
-
-def _all_sum(t):  # the sum over ranks of a tensor (a copy)
-    t = t.clone()
-    dist.all_reduce(t)
-    return t
-
-# ------------------------------------------------------------------------------------------------
-# 10. Samplers: DDIM (Song et al. 2021, eq. 12) over evenly respaced steps, with eta; eta = 1 is
-#     ancestral sampling with the respaced process's posterior variance (DDPM, Ho et al. 2020,
-#     Alg. 2; respacing from improved DDPM). On a GPU one reverse step is a replayed CUDA graph.
-# ------------------------------------------------------------------------------------------------
-
-def _to_eps_x0(out, x, a, s, target):
-    """The network's output -> (eps, x0), with a = sqrt(abar), s = sqrt(1 - abar)."""
-    if target == "eps":
-        return out, (x - s * out) / a
-    if target == "x0":
-        return (x - a * out) / s, out
-    return s * x + a * out, a * x - s * out  # v-prediction
-
+# ---- 10. Samplers: DDIM (Song et al. 2021, eq. 12) over evenly respaced steps, with eta ------------------------------
+#      eta = 1: ancestral DDPM sampling (Ho et al. 2020, Alg. 2) of the respaced process (improved DDPM). CUDA-graphed.
 @torch.no_grad()
 def ddim_sample(model, schedule, n, shape=(3, 32, 32), steps=50, eta=0.0, target="eps", labels=None,
                 generator=None, device=None, batch_size=500, precision="auto", clip=True, progress=False, graph=True):
-    """n images with `steps` DDIM steps, as uint8 [n, *shape] on `device`. All starting noise is drawn
-    first, so with eta = 0 the result does not depend on batch_size; with eta > 0 the fresh noise of
-    each step is drawn batch by batch, so it does (a fixed batch_size and generator reproduce it)."""
+    """n images with `steps` DDIM steps, uint8 [n, *shape] on `device`. The starting noise is drawn first: with eta = 0
+    batch_size does not change the result; with eta > 0 each step's noise is drawn per batch, so it does."""
     _check(_is_int(n, 1), f"n must be an integer >= 1; got {n!r}")
     _check(_is_int(steps, 1, schedule.T), f"steps must be an integer in [1, T = {schedule.T}]; got {steps!r}")
     _check(_is_num(eta, 0, 1), f"eta must be in [0, 1]; got {eta!r}")
     _check(_is_int(batch_size, 1), f"batch_size must be an integer >= 1; got {batch_size!r}")
     _check_choice("target", target, TARGETS)
-    _check(labels is None or (torch.is_tensor(labels) and labels.shape == (n,)), f"labels must be None or a tensor [{n}]")
-    if device is None:
-        p = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
-        _check(p is not None, "model has no parameters to take the device from: pass device=")
-        device = p.device
-    device = torch.device(device)
+    _check(labels is None or (torch.is_tensor(labels) and labels.shape == (n,)), f"labels must be None or [{n}]")
+    p = next(model.parameters(), None) if device is None and isinstance(model, nn.Module) else None
+    _check(device is not None or p is not None, "model has no parameters to take the device from: pass device=")
+    device = torch.device(device if device is not None else p.device)
     precision = pick_precision(device, precision)
-    # per-step coefficients as device tables, read with a device index inside the step
+    # per-step coefficients as device tables, read with a 1-element device index j inside the step (never a host sync)
     ts = torch.linspace(schedule.T - 1, 0, steps, dtype=torch.float64).round().long().unique_consecutive()
     ab = schedule.alpha_bar[ts]
     ab_prev = torch.cat([ab[1:], ab.new_ones(1)])
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
     table = torch.stack([ab.sqrt(), (1 - ab).sqrt(), ab_prev.sqrt(), (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt(),
                          sigma]).float().to(device)
-    ts, j = ts.to(device), torch.zeros(1, dtype=torch.long, device=device)  # 1-d: indexing with it never syncs
-    gdev = generator.device if generator is not None else device
-    b = min(batch_size, n)
+    ts, j = ts.to(device), torch.zeros(1, dtype=torch.long, device=device)
+    gdev, b = generator.device if generator is not None else device, min(batch_size, n)
     start = torch.randn((n, *shape), generator=generator, device=gdev).to(device)
     x, z = torch.zeros((b, *shape), device=device), torch.zeros((b, *shape), device=device)
     y = torch.zeros(b, dtype=torch.long, device=device) if labels is not None else None
@@ -877,7 +743,12 @@ def ddim_sample(model, schedule, n, shape=(3, 32, 32), steps=50, eta=0.0, target
         a, s, a_prev, c_dir, sig = table[:, j]
         with _autocast(device, precision):
             out = model(x, ts[j].expand(b), **({"y": y} if y is not None else {})).float()
-        eps, x0 = _to_eps_x0(out, x, a, s, target)
+        if target == "eps":  # the network's output -> (eps, x0)
+            eps, x0 = out, (x - s * out) / a
+        elif target == "x0":
+            eps, x0 = (x - a * out) / s, out
+        else:  # v-prediction
+            eps, x0 = s * x + a * out, a * x - s * out
         if clip:
             x0 = x0.clamp(-1, 1)
             eps = (x - a * x0) / s
@@ -903,33 +774,23 @@ def ddim_sample(model, schedule, n, shape=(3, 32, 32), steps=50, eta=0.0, target
 def ddpm_sample(model, schedule, n, steps=250, **kwargs):
     """The paper's sampler: ancestral DDPM (DDIM, eta = 1) over min(steps, T) evenly respaced steps."""
     return ddim_sample(model, schedule, n, steps=min(steps, schedule.T), eta=1.0, **kwargs)
-
-# ------------------------------------------------------------------------------------------------
-# 11. Quality: the Frechet distance between Gaussians fitted to features (Heusel et al. 2017),
-#     FD = |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr (S1 S2)^(1/2), in float64 on the features' device.
-#     tr (S1 S2)^(1/2) = tr (R S1 R)^(1/2) with R = S2^(1/2): the eigenvalues of a symmetric PSD
-#     matrix, no non-symmetric sqrtm. Pass the reference as (mu, S, sqrt_psd(S)) to reuse R.
-#     FID = FD in the pool features of the standard TF-Inception network.
-# ------------------------------------------------------------------------------------------------
-
+# ---- 11. Quality: the Frechet distance between Gaussians fitted to features (Heusel et al. 2017) ---------------------
+#      FD = |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr (S1 S2)^(1/2) in float64, with tr (S1 S2)^(1/2) = tr (R S1 R)^(1/2),
+#      R = S2^(1/2): symmetric eigenproblems only. FID = FD in the pool features of the standard TF-Inception network.
 def feature_stats(feats):
     """(mean, unbiased covariance) of features [N, D] in float64, on the features' device."""
     _check(torch.is_tensor(feats) and feats.ndim == 2 and feats.shape[0] >= 2, "feats must be a tensor [N >= 2, D]")
     f = feats.double()
     mu = f.mean(0)
-    c = f - mu
-    return mu, c.T @ c / (len(f) - 1)
-
+    return mu, (f - mu).T @ (f - mu) / (len(f) - 1)
 def sqrt_psd(s):
     """The symmetric square root of a positive semi-definite matrix (negative eigenvalues clipped)."""
     ev, vec = torch.linalg.eigh(s.double())
     return (vec * ev.clamp(min=0).sqrt()) @ vec.T
 
 def frechet_distance(a, b):
-    """FD between two feature sets [N, D] or (mean, covariance[, sqrt of covariance]) tuples."""
-    def stats(x):
-        return feature_stats(x) if torch.is_tensor(x) else tuple(v.double() for v in x)
-    (mu1, s1, *_), (mu2, s2, *r) = stats(a), stats(b)
+    """FD between feature sets [N, D] or (mean, covariance[, sqrt_psd(covariance), to reuse R]) tuples."""
+    (mu1, s1, *_), (mu2, s2, *r) = (feature_stats(x) if torch.is_tensor(x) else [v.double() for v in x] for x in (a, b))
     _check(mu1.shape == mu2.shape, f"feature sizes differ: {tuple(mu1.shape)} vs {tuple(mu2.shape)}")
     r = r[0].to(s1.device) if r else sqrt_psd(s2.to(s1.device))
     m = r @ s1 @ r

@@ -27,9 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (name, [(exact old text, new text), ...]); old text must occur exactly once in speed.py
 MUTANTS = [
     ("ema_update is a no-op",
-     [("    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)", "    pass")]),
+     [("    torch._foreach_add_(e, torch._foreach_mul(delta, 1 - decay))", "    pass")]),
     ("ema_update with a fixed decay 0.5",
-     [("list(model.parameters()), 1.0 - decay)", "list(model.parameters()), 0.5)")]),
+     [("torch._foreach_mul(delta, 1 - decay)", "torch._foreach_mul(delta, 0.5)")]),
     ("train() uses EMA decay 0.5 at every step",
      [("decay.fill_(ema_decay_at(step, ema_decay))", "decay.fill_(0.5)")]),
     ("EMA without warm-up",
@@ -54,7 +54,7 @@ MUTANTS = [
      [("sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()",
        "sigma = eta * (1 - ab / ab_prev).sqrt()")]),
     ("v-prediction converted with a wrong sign",
-     [("    return s * x + a * out, a * x - s * out", "    return s * x - a * out, a * x + s * out")]),
+     [("eps, x0 = s * x + a * out, a * x - s * out", "eps, x0 = s * x - a * out, a * x + s * out")]),
     ("change-aware weights: min/max over all t instead of t < tau",
      [("    w[:tau] = (1 - lam) + (2 * lam - 1) * (g - g.min()) / (g.max() - g.min()).clamp(min=1e-30)",
        "    G = change_rate(schedule)\n"
@@ -89,7 +89,7 @@ MUTANTS = [
     ("resume accepts another experiment",
      [('    _check(not differ, f"checkpoint {path}', '    _check(True, f"checkpoint {path}')]),
     ("SIGINT does not mark the result interrupted",
-     [("            result.interrupted = signals.requested", "            result.interrupted = False")]),
+     [("result.interrupted, stop = signals.requested, stop", "result.interrupted, stop = False, stop")]),
 ]
 
 
