@@ -571,11 +571,9 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
     stop, on SIGINT/SIGTERM (then result.interrupted) and at the end; resume continues one of the same experiment."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     _check(isinstance(model, nn.Module) and len([*model.parameters()]), "model must be an nn.Module with parameters")
-    _check(torch.is_tensor(images) and images.dtype == torch.uint8 and images.ndim == 4,
-           "images must be uint8 [N, C, H, W]")
+    _check(torch.is_tensor(images) and images.dtype == torch.uint8 and images.ndim == 4, "images must be uint8 NCHW")
     _check(labels is None or (torch.is_tensor(labels) and labels.shape == (len(images),)), "labels must be None or [N]")
-    _check(isinstance(strategy, Strategy) and strategy.T == schedule.T,
-           "strategy must come from make_strategy with the schedule's T")
+    _check(isinstance(strategy, Strategy) and strategy.T == schedule.T, "strategy must be make_strategy(..., schedule)")
     _check_choice("target", target, TARGETS)
     for name, ok, what in (
             ("steps", _is_int(steps, 1), "an integer >= 1"), ("lr", _is_num(lr) and lr > 0, "a number > 0"),
@@ -600,7 +598,7 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
                             capturable=graph)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     gens = [torch.Generator(device=device).manual_seed(seed + 1), torch.Generator(device=device).manual_seed(seed + 2)]
-    torch.manual_seed(seed)  # train() seeds the global RNG too
+    torch.manual_seed(seed)  # the global RNG too (dropout: under DDP every rank draws the same masks for its share)
     net, side = model, torch.cuda.Stream(device) if graph else None  # side: warm-up and capture (and DDP's) stream
     if world > 1:
         with torch.cuda.stream(side) if graph else contextlib.nullcontext():
@@ -632,9 +630,9 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
         opt.zero_grad(set_to_none=True)
         x = images[idx].float().div_(127.5).sub_(1.0)
         x = torch.where(flipped.view(-1, 1, 1, 1), x.flip(3), x) if flip else x
-        t, w = strategy.sample(batch_size, device, gens[0], target=target)     # drawn for the global batch,
+        t_all, w = strategy.sample(batch_size, device, gens[0], target=target)  # drawn for the global batch,
         noise = torch.randn((batch_size, *x.shape[1:]), generator=gens[1], device=device)
-        t, w, noise = t[rank * b:][:b], w[rank * b:][:b], noise[rank * b:][:b]  # this rank takes its share
+        t, w, noise = t_all[rank * b:][:b], w[rank * b:][:b], noise[rank * b:][:b]  # this rank takes its share
         with _autocast(device, precision):
             loss, info = diffusion_loss(net, x.contiguous(memory_format=fmt), schedule, t=t, w=w, target=target,
                                         noise=noise.contiguous(memory_format=fmt),
@@ -646,8 +644,10 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
         scaler.step(opt)
         scaler.update()
         ema_update(ema, model, decay)
-        if isinstance(strategy, LossAwareStrategy):
-            strategy.update(t, info["mse"])
+        if isinstance(strategy, LossAwareStrategy):  # every rank records the whole batch: one state everywhere
+            mse = [torch.empty_like(info["mse"]) for _ in range(world)] if world > 1 else [info["mse"]]
+            world > 1 and dist.all_gather(mse, info["mse"])
+            strategy.update(t_all, torch.cat(mse))
         sums[0], counts[0] = sums[0] + loss.detach(), counts[0] + 1
         sums.index_add_(0, areas.label(t) + 1, info["mse"])
         counts.index_add_(0, areas.label(t) + 1, torch.ones_like(info["mse"]))

@@ -30,11 +30,11 @@ def _model():
     return speed.UNet(img_res=8, ch=16, ch_mult=(1, 2), num_blocks=1, attn_res=(), dropout=0.0)
 
 
-def _train(ckpt, **kw):
+def _train(ckpt, strategy="speed", **kw):
     """A few fp32 steps of a tiny UNet on 16 8x8 images, global batch 8, in this process's group (if any)."""
     images = torch.from_numpy(np.random.RandomState(0).randint(0, 256, (16, 3, 8, 8), dtype=np.uint8))
     schedule = speed.make_schedule("linear")
-    return speed.train(_model(), images, schedule, speed.make_strategy("speed", schedule), steps=STEPS,
+    return speed.train(_model(), images, schedule, speed.make_strategy(strategy, schedule), steps=STEPS,
                        batch_size=BATCH, lr=1e-3, warmup=2, precision="fp32", device="cpu", log_every=2,
                        ckpt_path=str(ckpt), progress=False, **kw)
 
@@ -49,6 +49,7 @@ def _two_ranks(rank, folder):
             shutil.copy(f"{folder}/cut.pt", f"{folder}/stopped.pt")
         dist.barrier()
         _train(f"{folder}/cut.pt", resume=True)                                      # resumed on 2 ranks
+        _train(f"{folder}/loss_aware.pt", strategy="loss_aware")
     finally:
         dist.destroy_process_group()
 
@@ -62,9 +63,11 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         _train(folder / "one.pt")
+        _train(folder / "loss_aware_one.pt", strategy="loss_aware")
     finally:
         torch.set_num_threads(threads)
-    return {name: torch.load(folder / f"{name}.pt", weights_only=True) for name in ("one", "whole", "stopped", "cut")}
+    names = ("one", "whole", "stopped", "cut", "loss_aware", "loss_aware_one")
+    return {name: torch.load(folder / f"{name}.pt", weights_only=True) for name in names}
 
 
 def test_two_ranks_give_the_weights_of_one_rank(runs):
@@ -76,6 +79,14 @@ def test_two_ranks_give_the_weights_of_one_rank(runs):
     assert max(float((one["model"][k] - v).abs().max()) for k, v in _model().state_dict().items()) > 1e-3  # it trained
     losses = [h["loss"] for h in one["history"]], [h["loss"] for h in two["history"]]
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)  # the logged loss is averaged over the ranks
+
+
+def test_loss_aware_records_the_whole_batch_on_every_rank(runs):
+    """Each rank gathers the whole batch's losses before updating the loss-aware history, so 2 ranks keep the state
+    of 1 rank (and every rank the same state: rank 0's is the one checkpointed)."""
+    one, two = runs["loss_aware_one"]["strategy"], runs["loss_aware"]["strategy"]
+    assert int(one["counts"].sum()) == STEPS * BATCH and torch.equal(two["counts"], one["counts"])
+    torch.testing.assert_close(two["losses"], one["losses"], rtol=1e-5, atol=1e-6)
 
 
 def test_rank0_checkpoint_resumes_on_two_ranks(runs):
