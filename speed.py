@@ -77,7 +77,7 @@ def make_schedule(kind="linear", T=1000):
     if kind == "linear":
         return Schedule.from_betas(torch.linspace(lo, hi, T, dtype=torch.float64))
     return Schedule.from_betas(torch.linspace(lo ** 0.5, hi ** 0.5, T, dtype=torch.float64) ** 2)
-# ---- 2. Process increments (paper Sec. 3.1): delta_t = x_{t+1} - x_t given x_0 ---------------------------------------
+# ---- 2. Process increments (the paper's analysis of delta_t = x_{t+1} - x_t given x_0) -------------------------------
 #      From x_{t+1} = sqrt(alpha_{t+1}) x_t + sqrt(beta_{t+1}) z: E[delta_t | x0] = (sqrt(alpha_{t+1}) - 1) sqrt(abar_t)
 #      x0 and, per dimension, Var[delta_t | x0] = (1 - sqrt(alpha_{t+1}))^2 (1 - abar_t) + beta_{t+1}.
 def increment_stats(schedule):
@@ -99,7 +99,7 @@ def increment_stats_mc(schedule, x0, generator=None):
             c = ((x - x_prev) * x0).sum() / (x0 * x0).sum()
             stats.append(torch.stack([c, ((x - x_prev - c * x0) ** 2).mean()]))
     return tuple(torch.stack(stats).cpu().T)
-# ---- 3. Areas (paper Sec. 3.2) ---------------------------------------------------------------------------------------
+# ---- 3. Areas (the paper's acceleration / deceleration / convergence split) ------------------------------------------
 #      acceleration: t < t_peak = argmax g; deceleration: t_peak <= t < tau; convergence: t >= tau, the first t after
 #      t_peak with T g_t < threshold: a rate per unit of t/T (0.1 = the paper's 1e-4 per step at T = 1000), for any T.
 def change_rate(schedule):
@@ -131,7 +131,7 @@ def find_areas(schedule, threshold=0.1):
     t_peak = int(g.argmax())
     below = ((torch.arange(T) > t_peak) & (g * T < threshold)).nonzero()
     return Areas(t_peak=t_peak, tau=max(int(below[0]) if len(below) else T - 1, 1), T=T, rate=g)
-# ---- 4. Asymmetric sampling (paper eq. 6): steps below tau are k times as likely as convergence steps ----------------
+# ---- 4. Asymmetric sampling (paper): steps below tau are k times as likely as convergence steps ----------------------
 #      P(t) = k / (T + tau (k - 1)) for t < tau and 1 / (T + tau (k - 1)) for t >= tau.
 def speed_probs(T, tau, k=5):
     """P(t), float64 of length T, summing to 1. k = 1 is uniform."""
@@ -146,7 +146,7 @@ def dual_step(schedule):
     """The official code's "dual sampling" m: 1 + the first t with T d sqrt(1 - abar_t)/dt < 0.1 (linear: m = 642)."""
     d = torch.gradient((1.0 - schedule.alpha_bar).sqrt())[0] * schedule.T
     return int((d < 0.1).int().argmax()) + 1
-# ---- 5. Change-aware weighting (paper eq. 7): below tau, g_t rescaled into [1 - lam, lam]; from tau on, w_t = 1 ------
+# ---- 5. Change-aware weighting (paper): below tau, g_t rescaled into [1 - lam, lam]; from tau on, w_t = 1 ------------
 def speed_weights(schedule, tau, lam=0.6):
     """w_t, float64 of length T (min and max of g over t < tau). lam in [0.5, 1]; 0.5 gives w = 0.5 below tau."""
     _check_schedule(schedule)
@@ -323,7 +323,7 @@ def make_strategy(name, schedule, **options):
     unknown = sorted(set(options) - set(allowed))
     _check(not unknown, f"unknown option(s) {unknown} for strategy {name!r}; valid: {allowed or 'none'}")
     return BUILDERS[name](schedule, **options)
-# ---- 7. Loss: the weighted denoising MSE (paper eq. 8) ---------------------------------------------------------------
+# ---- 7. Loss: the weighted denoising MSE (DDPM's simple loss, Ho et al. 2020, times w) -------------------------------
 #      mean_i w(t_i) |model(x_t_i, t_i) - target_i|^2 ; target eps, x0 or v = sqrt(abar) eps - sqrt(1-abar) x0
 def diffusion_loss(model, x0, schedule, strategy=None, *, t=None, w=None, noise=None, target="eps",
                    generator=None, **model_kwargs):
