@@ -30,7 +30,7 @@ python3 train_tiny.py $COMMON --steps 1 --evals 1 --eval-samples 16 --final-samp
 i=0
 for run in $RUNS; do
   strategy=${run%:*}; seed=${run##*:}
-  dir=bench/results/protocol/$ARM/$(echo "${strategy}_s$seed" | tr ':=' '__')
+  dir=bench/results/protocol/$ARM/$(echo "${strategy}" | sed 's/:/_/g; s/=//g')_s$seed  # compare.py's run_dir
   mkdir -p "$dir"
   CUDA_VISIBLE_DEVICES=$((i % $(nvidia-smi -L | wc -l))) python3 train_tiny.py $COMMON --strategy "$strategy" \
       --seed "$seed" --out "$dir" > "$dir/log.txt" 2>&1 &
