@@ -263,7 +263,7 @@ def run(args):
                       samplers=list(samplers), eval_samples=args.eval_samples)
     every, shape, args.metric = max(1, args.steps // args.evals), tuple(images.shape[1:]), net and (
         "FID" if net.kind == "inception" else "FD-" + re.sub(r"^cifar10-|\.pt$", "", net.name.split(":")[0]))
-    compile = args.compile and args.device.type == "cuda"
+    compile = args.compile and args.device.type == "cuda" and world == 1  # compile under DDP: not measured yet
     fast = functools.cache(lambda ema: torch.compile(ema) if compile else ema)  # the EMA net to sample, compiled once
 
     def draw(model, sampler, n, seed=12345):  # fixed noise: the same for every run and evaluation
