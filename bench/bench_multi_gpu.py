@@ -19,6 +19,7 @@ import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import speed  # noqa: E402
+from bench_speed import images  # noqa: E402  (random uint8 images, the same as bench_speed's)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -32,8 +33,7 @@ def run(args):
     torch.manual_seed(0)
     model = speed.make_unet(args.model)
     sch = speed.make_schedule()
-    images = torch.randint(0, 256, (16384, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    r = speed.train(model, images, sch, speed.make_strategy("speed", sch), steps=args.steps, batch_size=args.batch,
+    r = speed.train(model, images(), sch, speed.make_strategy("speed", sch), steps=args.steps, batch_size=args.batch,
                     log_every=args.steps // 2, progress=False, graph=not args.eager, compile=args.compile)
     if not dist.is_initialized() or dist.get_rank() == 0:
         rec = dict(tag=args.tag, model=args.model, batch=args.batch, world=world, graph=not args.eager, compile=args.compile,

@@ -80,9 +80,8 @@ def sample_time(n=10000, steps=250, batch=2500, compile=False):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    kw = dict(steps=25, eta=1.0, batch_size=256, generator=None, precision="fp32")
-    a = speed.ddim_sample(model, sch, 256, graph=True, **{**kw, "generator": g.manual_seed(1)})
-    b = speed.ddim_sample(model, sch, 256, graph=False, **{**kw, "generator": g.manual_seed(1)})
+    a, b = (speed.ddim_sample(model, sch, 256, steps=25, eta=1.0, batch_size=256, precision="fp32", graph=graph,
+                              generator=g.manual_seed(1)) for graph in (True, False))
     return seconds, int((a.int() - b.int()).abs().max())
 
 

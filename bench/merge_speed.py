@@ -8,9 +8,9 @@ import glob
 import json
 import os
 
+from bench_speed import FWD_GFLOP, PEAK_BF16  # the same constants as the measurements
+
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-PEAK_BF16 = 989e12  # H200 SXM dense bf16, datasheet
-FWD_GFLOP_DDPM = 12.4
 
 out = dict(device=None, train_img_s_tiny_before=None, train_img_s_tiny=None, ddpm_tflops=None,
            ddpm_peak_fraction=None, sample_ddpm250_10k_s=None, frechet_2048_gpu_s=None, inception_img_s=None,
@@ -31,7 +31,7 @@ for d in sorted(glob.glob(os.path.join(HERE, "speed_call*"))):
         for line in open(p):
             r = json.loads(line)
             if r["model"] == "ddpm" and r["world"] == 1:
-                tf = 3 * FWD_GFLOP_DDPM * 1e9 * r["img_s"] / 1e12
+                tf = 3 * FWD_GFLOP["ddpm"] * 1e9 * r["img_s"] / 1e12
                 key = f"tflops_ddpm_b{r['batch']}" + ("_compiled" if r.get("compile") else "")
                 raw[key] = tf
                 if out["ddpm_tflops"] is None or tf > out["ddpm_tflops"]:
