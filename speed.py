@@ -648,9 +648,9 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
             mse = [torch.empty_like(info["mse"]) for _ in range(world)] if world > 1 else [info["mse"]]
             world > 1 and dist.all_gather(mse, info["mse"])
             strategy.update(t_all, torch.cat(mse))
-        sums[0], counts[0] = sums[0] + loss.detach(), counts[0] + 1
-        sums.index_add_(0, areas.label(t) + 1, info["mse"])
-        counts.index_add_(0, areas.label(t) + 1, torch.ones_like(info["mse"]))
+        sums[0], counts[0], area = sums[0] + loss.detach(), counts[0] + 1, areas.label(t) + 1  # slots 1-3: the areas
+        sums.index_add_(0, area, info["mse"])
+        counts.index_add_(0, area, torch.ones_like(info["mse"]))
 
     run_step = Replayer(step_fn, graph, gens, warmup=3 if world == 1 else 11, stream=side)  # DDP: 11 eager steps first
     result = TrainResult(model, ema, start, history, extra, strategy, schedule)
