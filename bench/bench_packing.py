@@ -1,11 +1,12 @@
 """bench/bench_packing.py: does running several training runs on one GPU finish the comparison sooner?
 
-    python bench/bench_packing.py --layout 1,2,4,2mps --out bench/results/packing.json    (one GPU per entry)
+    python bench/bench_packing.py --layout 1,2,3,4 --out bench/results/packing.json    (one GPU per entry)
 
 The comparison (bench/compare.py) trains dozens of tiny UNets at batch 128. One such run leaves the
 GPU mostly idle between small kernels (bench/README.md, profile), so packing runs could pay. Each
 layout entry takes one GPU: "n" runs n processes on it side by side (the driver time-slices them),
-"nmps" the same under an MPS daemon (kernels of the processes may overlap). Every process trains
+"nmps" the same under an MPS daemon (kernels of the processes may overlap; on the lent H200 machines
+the daemon started but its clients saw no GPU, 2026-11-28). Every process trains
 the tiny UNet at batch 128 with the whole-step graph and the compiled network on random images,
 waits until all processes of the machine are warm, and times training steps and DDPM sampling
 (2,500 images, 50 steps) in the same window. The total img/s of a GPU over one process's is the gain.
@@ -35,7 +36,17 @@ def barrier(folder, name, n, timeout=200):
 
 
 def worker(args):
-    """One training process: warm up, meet the others, time `--seconds` of training, then of sampling."""
+    """One training process; one that fails still passes both barriers, so the others are not held up."""
+    try:
+        measure(args)
+    except BaseException:
+        for d in ("train", "sample"):
+            open(os.path.join(args.sync, d, args.name), "w").close()
+        raise
+
+
+def measure(args):
+    """Warm up, meet the others, time `--seconds` of training, then of sampling."""
     torch.manual_seed(0)
     model = speed.make_unet("tiny")
     sch = speed.make_schedule()
@@ -69,7 +80,7 @@ def worker(args):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--layout", default="1,2,4,2mps", help="one entry per GPU: n processes, or nmps under MPS")
+    p.add_argument("--layout", default="1,2,3,4", help="one entry per GPU: n processes, or nmps under MPS")
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "packing.json"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
