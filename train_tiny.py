@@ -337,14 +337,13 @@ def _arg(kind, ok, valid):
 def check(args):
     """Fill in the preset and check what argparse cannot; raises OptionError, reads no data, creates nothing."""
     gpus, world = torch.cuda.device_count() if torch.cuda.is_available() else 0, int(os.environ.get("WORLD_SIZE", 1))
-    try:
-        args.device = torch.device(args.device or ("cuda" if gpus else "cpu"))
-        if args.device.type == "cuda" and "WORLD_SIZE" in os.environ:  # torchrun: the GPU of this process
-            args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        assert args.device.type == "cpu" or args.device.type == "cuda" and (args.device.index or 0) < gpus
-    except (RuntimeError, AssertionError):
+    args.device = args.device or ("cuda" if gpus else "cpu")
+    if args.device.split(":")[0] == "cuda" and "WORLD_SIZE" in os.environ:  # torchrun: the GPU of this process
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+    if args.device not in ["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(gpus)] if gpus else []):
         raise OptionError(f"--device {args.device}: not available; valid: cpu" + (
-            f", cuda, cuda:0 .. cuda:{gpus - 1}" if gpus else " (this machine or torch build has no CUDA GPU)")) from None
+            f", cuda, cuda:0 .. cuda:{gpus - 1}" if gpus else " (this machine or torch build has no CUDA GPU)"))
+    args.device = torch.device(args.device)
     args.preset = args.preset or ("h100" if args.device.type == "cuda" else "cpu")
     for k, v in {**DEFAULTS, **PRESETS[args.preset]}.items():
         setattr(args, k, v if getattr(args, k, None) is None else getattr(args, k))
