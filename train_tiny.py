@@ -22,7 +22,6 @@ SHARED_ZIP = os.path.join(SHARED, "data", "cifar10-train-jpeg75.zip")
 SHARED_INCEPTION = os.path.join(SHARED, "inception", "inception-fid-fp16.pt")
 CIFAR10_URL, CIFAR10_MD5 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-INCEPTION_SHA256 = None  # not pinned: the first download records its sha256, later loads check it
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MICRO = dict(ch=16, ch_mult=(1, 2), num_blocks=1, attn_res=(16,), dropout=0.0)  # the CPU smoke model
 DEFAULTS = dict(lr=5e-4, warmup=200, eval_samplers="ddim25", limit=None, fid_model="inception", compile=False)
@@ -148,14 +147,14 @@ class FeatureNet:
                        self.net(x.round().clamp(0, 255).to(torch.uint8), return_features=True))
         return torch.cat(out).float()
 
-def load_feature_net(name_or_path="inception", cache_dir=None, sha256=None, kind=None, device="cpu", url=INCEPTION_URL):
-    """'inception' -> the standard FID Inception-v3, downloaded into cache_dir once (its sha256 recorded then, and
-    checked on later loads); a path -> that TorchScript file, kind 'inception' if its name starts so."""
+def load_feature_net(name_or_path="inception", cache_dir=None, sha256=None, device="cpu", url=INCEPTION_URL):
+    """'inception' -> the standard FID Inception-v3, downloaded into cache_dir once (not pinned: its sha256 recorded
+    then, checked on later loads); a path -> that TorchScript file, kind 'inception' if its name starts so."""
     path = name_or_path
     if path == "inception":
         path = os.path.join(cache_dir or os.path.expanduser("~/.cache/speed"), "inception-2015-12-05.pt")
         try:
-            download(url, path, sha256 or INCEPTION_SHA256)
+            download(url, path, sha256)
         except OSError as e:
             raise DataError(f"could not download the Inception network from {url} ({e}); without internet "
                             f"put inception-2015-12-05.pt in {os.path.dirname(path)} or pass a file path") from e
@@ -167,7 +166,7 @@ def load_feature_net(name_or_path="inception", cache_dir=None, sha256=None, kind
     if want not in (None, digest):
         raise ValueError(f"{path} has sha256 {digest}, expected {want}")
     want or name_or_path != "inception" or open(stamp, "w").write(digest)
-    kind = kind or ("inception" if os.path.basename(path).startswith("inception") else "generic")
+    kind = "inception" if os.path.basename(path).startswith("inception") else "generic"
     net = torch.jit.load(path, map_location="cpu").eval()
     return FeatureNet(net, kind, f"{os.path.basename(path)}:{digest[:12]}", device)
 
@@ -274,13 +273,11 @@ def run(args):
     def fds(ema, n):  # {sampler: FD of n samples}
         return {s: fd_of_samples(net, draw(fast(ema), sampler, n), ref) for s, sampler in samplers.items() if net and n}
 
-    def evaluate(result):  # every `every` steps and at the end: FDs into result.extra (saved with checkpoints), metrics
-        if result.step % every == 0 or result.step == args.steps:
-            for s, fd in fds(result.ema, args.eval_samples).items():
-                result.extra.setdefault("evals", {}).setdefault(s, []).append([result.step, fd])
-                print(f"\n[{args.strategy} seed {args.seed}] step {result.step}: {args.metric} {s} {fd:.3f}", flush=True)
-            write_metrics(args, result, data, t0)
-        return False  # True would stop training
+    def evaluate(result):  # train() calls it every `every` steps and at the end: FDs into result.extra, metrics
+        for s, fd in fds(result.ema, args.eval_samples).items():
+            result.extra.setdefault("evals", {}).setdefault(s, []).append([result.step, fd])
+            print(f"\n[{args.strategy} seed {args.seed}] step {result.step}: {args.metric} {s} {fd:.3f}", flush=True)
+        write_metrics(args, result, data, t0)
 
     os.makedirs(args.out, exist_ok=True)
     try:
