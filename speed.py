@@ -457,8 +457,7 @@ def make_unet(size="tiny", **overrides):
     _check_choice("size", size, tuple(UNET_SIZES))
     return UNet(**{**UNET_SIZES[size], **overrides})
 # ---- 9. Training: AdamW with linear warm-up, gradient clipping, EMA with warm-up (DDPM, Ho et al. 2020, App. B) ------
-#      bf16 autocast (fp16 + GradScaler on older GPUs, fp32 on the CPU). On a GPU the whole step is one CUDA graph;
-#      under torchrun the global batch is split over the ranks, so the math does not depend on their number.
+#      On a GPU the whole step is one CUDA graph; under torchrun the global batch is split over the ranks (same math).
 def pick_precision(device, precision="auto"):
     """'bf16' on GPUs with compute capability >= 8, 'fp16' on older GPUs, 'fp32' on the CPU."""
     _check_choice("precision", precision, ("auto", "bf16", "fp16", "fp32"))
@@ -478,8 +477,7 @@ def ema_update(ema, model, decay):
     for be, bm in zip(ema.buffers(), model.buffers()):
         be.copy_(bm)
 
-def ema_decay_at(step, ema_decay):
-    """The EMA decay at 0-based `step`, with warm-up: min(ema_decay, (1 + step) / (10 + step))."""
+def ema_decay_at(step, ema_decay):  # the EMA decay at 0-based `step`, with warm-up
     return min(ema_decay, (1 + step) / (10 + step))
 
 class Replayer:
@@ -618,7 +616,6 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
         ck = _load_checkpoint(ckpt_path, parts, gens, experiment)
         start, history, extra = ck["step"], ck["history"], ck["extra"]
         sums.copy_(ck["sums"]), counts.copy_(ck["counts"])
-        opt.param_groups[0]["lr"] = lr_now
 
     # the step: reads static inputs (batch indices, flips, lr, EMA decay), writes on the device only
     images, labels = images.to(device), labels.to(device) if labels is not None else None
@@ -655,14 +652,13 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
     run_step = Replayer(step_fn, graph, gens, warmup=3 if world == 1 else 11, stream=side)  # DDP: 11 eager steps first
     result = TrainResult(model, ema, start, history, extra, strategy, schedule)
     bar = tqdm(total=steps, initial=start, disable=not progress or rank > 0, unit="step")
-    tick, tick_step, saved_at, epoch = time.perf_counter(), start, time.time(), -1
+    tick, tick_step, saved_at = time.perf_counter(), start, time.time()
     model.train()
     with _StopOnSignal() as signals:
         for step in range(start, steps):
             # this step's batch and flips (an epoch's order is a function of (seed, epoch)), lr (warm-up), EMA decay
-            if step // per_epoch != epoch:
-                epoch = step // per_epoch
-                g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+            if step == start or step % per_epoch == 0:
+                g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step // per_epoch)
                 order = torch.randperm(len(images), generator=g, device=device)
                 flips = torch.rand(len(images), generator=g, device=device) < 0.5
             batch = order[(step % per_epoch) * batch_size:][:batch_size][rank * b:][:b]
@@ -704,8 +700,7 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
                 saved_at = time.time()
             if stop:
                 break
-    if world > 1:
-        dist.barrier()
+    world > 1 and dist.barrier()
     bar.close()
     model.eval()
     return result
