@@ -457,8 +457,7 @@ def make_unet(size="tiny", **overrides):
     _check_choice("size", size, tuple(UNET_SIZES))
     return UNet(**{**UNET_SIZES[size], **overrides})
 # ---- 9. Training: AdamW with linear warm-up, gradient clipping, EMA with warm-up (DDPM, Ho et al. 2020, App. B) ------
-#      bf16 autocast (fp16 + GradScaler on older GPUs, fp32 on the CPU). On a GPU the whole step is one CUDA graph;
-#      under torchrun the global batch is split over the ranks, so the math does not depend on their number.
+#      On a GPU the whole step is one CUDA graph; under torchrun the global batch is split over the ranks (same math).
 def pick_precision(device, precision="auto"):
     """'bf16' on GPUs with compute capability >= 8, 'fp16' on older GPUs, 'fp32' on the CPU."""
     _check_choice("precision", precision, ("auto", "bf16", "fp16", "fp32"))
@@ -478,8 +477,7 @@ def ema_update(ema, model, decay):
     for be, bm in zip(ema.buffers(), model.buffers()):
         be.copy_(bm)
 
-def ema_decay_at(step, ema_decay):
-    """The EMA decay at 0-based `step`, with warm-up: min(ema_decay, (1 + step) / (10 + step))."""
+def ema_decay_at(step, ema_decay):  # the EMA decay at 0-based `step`, with warm-up
     return min(ema_decay, (1 + step) / (10 + step))
 
 class Replayer:
@@ -529,12 +527,41 @@ def _plain(x, what):  # x as plain JSON values (numpy scalars become numbers): w
                f"{what} may hold only numbers, strings, lists and dicts; got {type(v).__name__}")
         return v.item()
     return json.loads(json.dumps(x, default=number))
+def _check_train(model, images, labels, strategy, schedule, target, world, steps, lr, batch_size, warmup, log_every,
+                 grad_clip, ema_decay, ckpt_minutes):  # train()'s arguments: a ValueError names the first bad one
+    _check(isinstance(model, nn.Module) and len([*model.parameters()]), "model must be an nn.Module with parameters")
+    _check(torch.is_tensor(images) and images.dtype == torch.uint8 and images.ndim == 4, "images must be uint8 NCHW")
+    _check(labels is None or (torch.is_tensor(labels) and labels.shape == (len(images),)), "labels must be None or [N]")
+    _check(isinstance(strategy, Strategy) and strategy.T == schedule.T, "strategy must be make_strategy(..., schedule)")
+    _check_choice("target", target, TARGETS)
+    for name, ok, what in (
+            ("steps", _is_int(steps, 1), "an integer >= 1"), ("lr", _is_num(lr) and lr > 0, "a number > 0"),
+            ("batch_size", _is_int(batch_size, 1, len(images)) and batch_size % world == 0,
+             f"an integer in [1, {len(images)}] divisible by the {world} rank(s)"),
+            ("warmup", _is_int(warmup, 0), "an integer >= 0"), ("log_every", _is_int(log_every, 1), "an integer >= 1"),
+            ("grad_clip", _is_num(grad_clip, 0), "a number >= 0 (0: no clipping)"),
+            ("ema_decay", _is_num(ema_decay, 0) and ema_decay < 1, "a number in [0, 1)"),
+            ("ckpt_minutes", _is_num(ckpt_minutes, 0), "a number >= 0")):
+        _check(ok, f"{name} must be {what}; got {locals()[name]!r}")
+def _setup(model, device, fmt, precision, graph, compile, world, lr, weight_decay):
+    """(model on the device, EMA, AdamW (a tensor lr under a graph), GradScaler, lr, the network, side stream)."""
+    model = model.to(device, memory_format=fmt)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    lr = torch.tensor(lr, device=device) if graph else lr
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=device.type == "cuda",
+                            capturable=graph)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    net, side = model, torch.cuda.Stream(device) if graph else None  # side: warm-up and capture (and DDP's) stream
+    if world > 1:
+        with torch.cuda.stream(side) if graph else contextlib.nullcontext():
+            net = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None)
+    return model, ema, opt, scaler, lr, torch.compile(net) if compile else net, side  # compiled: fewer, fused kernels
 
 def _save_checkpoint(path, parts, gens, **state):  # parts' state_dicts, the RNG states and `state`, atomically
     rng = dict(gens=[g.get_state() for g in gens], cpu=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state(gens[0].device) if gens[0].device.type == "cuda" else None)
     _save_atomic({**{k: v.state_dict() for k, v in parts.items()}, "rng": rng, **state}, path)
-def _load_checkpoint(path, parts, gens, experiment):  # restores parts and RNGs from the same experiment's checkpoint
+def _load_checkpoint(path, parts, gens, experiment, sums, counts):  # the same experiment's: (step, history, extra)
     ck = torch.load(path, map_location="cpu", weights_only=True)
     before = ck.get("experiment", {})
     differ = [f"{k}: {before.get(k)!r} there, {experiment.get(k)!r} now"
@@ -547,7 +574,17 @@ def _load_checkpoint(path, parts, gens, experiment):  # restores parts and RNGs 
     torch.set_rng_state(ck["rng"]["cpu"])
     if ck["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(ck["rng"]["cuda"], gens[0].device)
-    return ck
+    sums.copy_(ck["sums"]), counts.copy_(ck["counts"])
+    return ck["step"], ck["history"], ck["extra"]
+def _log_entry(sums, counts, world, step, lr, since, batch_size):  # history entry from the sums (then zeroed)
+    total = torch.stack([sums, counts])
+    world > 1 and dist.all_reduce(total)
+    s, c = (total[0] / total[1].clamp(min=1)).tolist(), total[1].tolist()  # the loop's only host sync
+    _check(math.isfinite(s[0]), f"loss became {s[0]} at step {step}: lower lr or use precision='fp32'")
+    sums.zero_(), counts.zero_()
+    img_s = (step - since[1]) * batch_size / max(time.perf_counter() - since[0], 1e-9)
+    return dict(step=step, loss=s[0], img_per_s=img_s, lr=lr, **{
+        f"mse_{a}": s[i + 1] if c[i + 1] else float("nan") for i, a in enumerate(AREA_NAMES)})
 
 class _StopOnSignal:  # SIGINT / SIGTERM set `requested` (the loop stops after the current step); a second one raises
     def __enter__(self):
@@ -569,41 +606,21 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
     """Train `model` (model(x_t, t[, y=labels])) on uint8 images [N, C, H, W]. callback(result) runs on rank 0 every
     callback_every steps and after the last; True stops. With ckpt_path a checkpoint is written every ckpt_minutes, at a
     stop, on SIGINT/SIGTERM (then result.interrupted) and at the end; resume continues one of the same experiment."""
+    # the arguments; the device (by default this rank's GPU), precision, CUDA graph or not, memory format
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    _check(isinstance(model, nn.Module) and len([*model.parameters()]), "model must be an nn.Module with parameters")
-    _check(torch.is_tensor(images) and images.dtype == torch.uint8 and images.ndim == 4, "images must be uint8 NCHW")
-    _check(labels is None or (torch.is_tensor(labels) and labels.shape == (len(images),)), "labels must be None or [N]")
-    _check(isinstance(strategy, Strategy) and strategy.T == schedule.T, "strategy must be make_strategy(..., schedule)")
-    _check_choice("target", target, TARGETS)
-    for name, ok, what in (
-            ("steps", _is_int(steps, 1), "an integer >= 1"), ("lr", _is_num(lr) and lr > 0, "a number > 0"),
-            ("batch_size", _is_int(batch_size, 1, len(images)) and batch_size % world == 0,
-             f"an integer in [1, {len(images)}] divisible by the {world} rank(s)"),
-            ("warmup", _is_int(warmup, 0), "an integer >= 0"), ("log_every", _is_int(log_every, 1), "an integer >= 1"),
-            ("grad_clip", _is_num(grad_clip, 0), "a number >= 0 (0: no clipping)"),
-            ("ema_decay", _is_num(ema_decay, 0) and ema_decay < 1, "a number in [0, 1)"),
-            ("ckpt_minutes", _is_num(ckpt_minutes, 0), "a number >= 0")):
-        _check(ok, f"{name} must be {what}; got {locals()[name]!r}")
+    _check_train(model, images, labels, strategy, schedule, target, world, steps, lr, batch_size, warmup, log_every,
+                 grad_clip, ema_decay, ckpt_minutes)
     device = torch.device(device) if device is not None else torch.device(
         "cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     precision = pick_precision(device, precision)
     graph = graph and device.type == "cuda" and precision != "fp16"  # fp16's GradScaler syncs with the host
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
-    # model, EMA, AdamW (a tensor lr under a graph), RNGs for steps and noise (dropout: the global one)
-    model = model.to(device, memory_format=fmt)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    lr_now = torch.tensor(lr, device=device) if graph else lr
-    opt = torch.optim.AdamW(model.parameters(), lr=lr_now, weight_decay=weight_decay, fused=device.type == "cuda",
-                            capturable=graph)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    # model, EMA, AdamW, what the step calls (DDP, compiled); RNGs for steps and noise (dropout: the global one)
+    model, ema, opt, scaler, lr_now, net, side = _setup(model, device, fmt, precision, graph, compile, world, lr,
+                                                        weight_decay)
     gens = [torch.Generator(device=device).manual_seed(seed + 1), torch.Generator(device=device).manual_seed(seed + 2)]
     torch.manual_seed(seed)  # the global RNG too (dropout: under DDP every rank draws the same masks for its share)
-    net, side = model, torch.cuda.Stream(device) if graph else None  # side: warm-up and capture (and DDP's) stream
-    if world > 1:
-        with torch.cuda.stream(side) if graph else contextlib.nullcontext():
-            net = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None)
-    net = torch.compile(net) if compile else net  # fewer, fused kernels inside the CUDA graph
 
     # the experiment (settings, strategy.config, model shapes, the caller's dict); its checkpoint, resumed bit for bit
     experiment = _plain(dict(batch_size=batch_size, seed=seed, lr=lr, warmup=warmup, grad_clip=grad_clip, flip=flip,
@@ -613,12 +630,8 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
                              **(experiment or {})), "experiment")
     parts = dict(model=model, ema=ema, opt=opt, scaler=scaler, strategy=strategy)
     sums, counts = torch.zeros(4, device=device), torch.zeros(4, device=device)  # loss, then MSE per area
-    start, history, extra = 0, [], {}
-    if ckpt_path and resume and os.path.exists(ckpt_path):
-        ck = _load_checkpoint(ckpt_path, parts, gens, experiment)
-        start, history, extra = ck["step"], ck["history"], ck["extra"]
-        sums.copy_(ck["sums"]), counts.copy_(ck["counts"])
-        opt.param_groups[0]["lr"] = lr_now
+    start, history, extra = _load_checkpoint(ckpt_path, parts, gens, experiment, sums, counts) if (
+        ckpt_path and resume and os.path.exists(ckpt_path)) else (0, [], {})
 
     # the step: reads static inputs (batch indices, flips, lr, EMA decay), writes on the device only
     images, labels = images.to(device), labels.to(device) if labels is not None else None
@@ -655,14 +668,13 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
     run_step = Replayer(step_fn, graph, gens, warmup=3 if world == 1 else 11, stream=side)  # DDP: 11 eager steps first
     result = TrainResult(model, ema, start, history, extra, strategy, schedule)
     bar = tqdm(total=steps, initial=start, disable=not progress or rank > 0, unit="step")
-    tick, tick_step, saved_at, epoch = time.perf_counter(), start, time.time(), -1
+    since, saved_at, stop = (time.perf_counter(), start), time.time(), False  # since: the last log's (time, step)
     model.train()
     with _StopOnSignal() as signals:
         for step in range(start, steps):
             # this step's batch and flips (an epoch's order is a function of (seed, epoch)), lr (warm-up), EMA decay
-            if step // per_epoch != epoch:
-                epoch = step // per_epoch
-                g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+            if step == start or step % per_epoch == 0:
+                g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step // per_epoch)
                 order = torch.randperm(len(images), generator=g, device=device)
                 flips = torch.rand(len(images), generator=g, device=device) < 0.5
             batch = order[(step % per_epoch) * batch_size:][:batch_size][rank * b:][:b]
@@ -674,21 +686,11 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
             done = result.step = step + 1
             bar.update(1)
 
-            # logs (the only host sync), then the callback, stop requests and checkpoints
+            # logs, then the callback, stop requests (signals, the callback, any rank) and checkpoints
             if done % log_every == 0 or done == steps:
-                total = torch.stack([sums, counts])
-                if world > 1:
-                    dist.all_reduce(total)
-                s, c = (total[0] / total[1].clamp(min=1)).tolist(), total[1].tolist()
-                _check(math.isfinite(s[0]), f"loss became {s[0]} at step {done}: lower lr or use precision='fp32'")
-                now = time.perf_counter()
-                img_s = (done - tick_step) * batch_size / max(now - tick, 1e-9)
-                history.append(dict(step=done, loss=s[0], img_per_s=img_s, lr=value, **{
-                    f"mse_{a}": s[i + 1] if c[i + 1] else float("nan") for i, a in enumerate(AREA_NAMES)}))
-                bar.set_postfix(loss=f"{s[0]:.4f}", img_s=f"{img_s:.0f}")
-                sums.zero_(), counts.zero_()
-                tick, tick_step = now, done
-            stop = False
+                history.append(_log_entry(sums, counts, world, done, value, since, batch_size))
+                since = (time.perf_counter(), done)
+                bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", img_s=f"{history[-1]['img_per_s']:.0f}")
             if callback is not None and rank == 0 and (callback_every and done % callback_every == 0 or done == steps):
                 model.eval()
                 stop = bool(callback(result))
@@ -704,8 +706,7 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
                 saved_at = time.time()
             if stop:
                 break
-    if world > 1:
-        dist.barrier()
+    world > 1 and dist.barrier()
     bar.close()
     model.eval()
     return result

@@ -22,7 +22,6 @@ SHARED_ZIP = os.path.join(SHARED, "data", "cifar10-train-jpeg75.zip")
 SHARED_INCEPTION = os.path.join(SHARED, "inception", "inception-fid-fp16.pt")
 CIFAR10_URL, CIFAR10_MD5 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-INCEPTION_SHA256 = None  # not pinned: the first download records its sha256, later loads check it
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MICRO = dict(ch=16, ch_mult=(1, 2), num_blocks=1, attn_res=(16,), dropout=0.0)  # the CPU smoke model
 DEFAULTS = dict(lr=5e-4, warmup=200, eval_samplers="ddim25", limit=None, fid_model="inception", compile=False)
@@ -46,42 +45,44 @@ class OptionError(ValueError):
 
 # ---- Data: a dataset zip, a folder of images or the CIFAR-10 archive -> uint8 [N, 3, H, W] and labels
 
-def _decode(raw, path):
-    """{name: encoded bytes} -> uint8 [N, 3, H, W], decoded in threads (Pillow decodes without the GIL)."""
-    import numpy as np
-    from PIL import Image
-
-    def one(name):
-        try:
-            return np.asarray(Image.open(io.BytesIO(raw[name])).convert("RGB"))
-        except OSError as e:
-            raise DataError(f"could not decode image {name}: {e}") from None
-    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-        imgs = list(pool.map(one, raw, chunksize=256))
-    if len(shapes := {i.shape for i in imgs}) != 1:
-        raise DataError(f"images in {path} have different sizes {sorted(shapes)[:4]}; resize them" if imgs else
-                        f"{path} holds no images ({', '.join(IMAGE_EXTS)})")
-    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
-
 def read_images(path, limit=None):
     """The first `limit` images, uint8 [N, 3, H, W], and labels (or None) of a folder of images (no labels), the
     CIFAR-10 python archive (.tar.gz) or an EDM/StyleGAN dataset zip (labels from an optional dataset.json)."""
-    if os.path.isdir(path):
-        names = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS))
-        return _decode({n: open(n, "rb").read() for n in names[:limit]}, path), None
+    import numpy as np
+    from PIL import Image
     try:
-        if path.endswith(".tar.gz"):
+        if path.endswith(".tar.gz"):  # pickled uint8 arrays
             with tarfile.open(path, "r:gz") as tar:
-                ds = [pickle.load(tar.extractfile(f"cifar-10-batches-py/data_batch_{i}"), encoding="bytes") for i in range(1, 6)]
+                ds = [pickle.load(tar.extractfile(f"cifar-10-batches-py/data_batch_{i}"), encoding="bytes")
+                      for i in range(1, 6)]
             return (torch.cat([torch.tensor(d[b"data"], dtype=torch.uint8).view(-1, 3, 32, 32) for d in ds])[:limit],
                     torch.cat([torch.tensor(d[b"labels"]) for d in ds])[:limit])
-        with zipfile.ZipFile(path) as z:
-            names = sorted(n for n in z.namelist() if n.lower().endswith(IMAGE_EXTS))[:limit]
-            meta = dict(json.loads(z.read("dataset.json"))["labels"] or {}) if "dataset.json" in z.namelist() else {}
-            return _decode({n: z.read(n) for n in names}, path), torch.tensor([meta[n] for n in names]) if meta else None
+        if os.path.isdir(path):
+            names = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
+                           if f.lower().endswith(IMAGE_EXTS))[:limit]
+            raw, labels = [open(n, "rb").read() for n in names], None
+        else:
+            with zipfile.ZipFile(path) as z:
+                files = z.namelist()
+                names = sorted(n for n in files if n.lower().endswith(IMAGE_EXTS))[:limit]
+                meta = dict(json.loads(z.read("dataset.json"))["labels"] or {}) if "dataset.json" in files else {}
+                raw, labels = [z.read(n) for n in names], torch.tensor([meta[n] for n in names]) if meta else None
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, pickle.UnpicklingError, zlib.error, OSError, KeyError,
             ValueError) as e:
-        raise DataError(f"could not read {path} ({e}): not a dataset zip or CIFAR-10 archive, or a truncated one") from e
+        raise DataError(f"could not read {path} ({e}): not a dataset zip or CIFAR-10 archive, or a truncated "
+                        "one") from e
+
+    def decode(name, data):  # in threads: Pillow decodes without the GIL
+        try:
+            return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        except OSError as e:
+            raise DataError(f"could not decode image {name}: {e}") from None
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        imgs = list(pool.map(decode, names, raw, chunksize=256))
+    if len(shapes := {i.shape for i in imgs}) != 1:
+        raise DataError(f"images in {path} have different sizes {sorted(shapes)[:4]}; resize them" if imgs else
+                        f"{path} holds no images ({', '.join(IMAGE_EXTS)})")
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), labels
 
 def load_data(data=None, cache_dir="data", limit=None):
     """read_images of `data` or (None) of CIFAR-10, downloaded once; decoded once, then read from cache_dir."""
@@ -105,7 +106,8 @@ def load_data(data=None, cache_dir="data", limit=None):
 def balanced_subset(labels, n):
     """Indices of a fixed class-balanced subset of n images (each class's first images in dataset order)."""
     classes = labels.unique().tolist() if labels is not None else []
-    idx = [torch.nonzero(labels == c).flatten()[:n // len(classes) + (i < n % len(classes))] for i, c in enumerate(classes)]
+    idx = [torch.nonzero(labels == c).flatten()[:n // len(classes) + (i < n % len(classes))]
+           for i, c in enumerate(classes)]
     if sum(map(len, idx)) < n:
         raise DataError(f"--subset {n}: the data has no labels or too few images of a class for a balanced subset")
     return torch.cat(idx).sort().values
@@ -122,8 +124,8 @@ def download(url, path, sha256=None, md5=None):
         with urllib.request.urlopen(url, timeout=60) as r:
             raw = r.read()
         for algo, want in (("sha256", sha256), ("md5", md5)):
-            if want and hashlib.new(algo, raw).hexdigest() != want:
-                raise ValueError(f"checksum mismatch for {url}: expected {algo} {want}, got {hashlib.new(algo, raw).hexdigest()}")
+            if want and (got := hashlib.new(algo, raw).hexdigest()) != want:
+                raise ValueError(f"checksum mismatch for {url}: expected {algo} {want}, got {got}")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(f"{path}.part{os.getpid()}", "wb") as f:
             f.write(raw)
@@ -131,9 +133,9 @@ def download(url, path, sha256=None, md5=None):
     return path
 
 class FeatureNet:
-    """images [N, C, H, W] (uint8 or floats in [0, 255]) -> features [N, D] (float32) on the net's device, 500 at a
-    time. 'inception': the StyleGAN2-ADA/EDM TorchScript Inception, net(uint8, return_features=True), 2048-d (it
-    resizes to 299 and runs in fp16 inside: 7,400 img/s on an H200; channels-last was slower); 'generic': net(floats)."""
+    """images [N, C, H, W] (uint8 or floats in [0, 255]) -> float32 features [N, D] on the net's device. 'inception':
+    the StyleGAN2-ADA/EDM TorchScript Inception, net(uint8, return_features=True), 2048-d (it resizes to 299 and
+    runs in fp16 inside: 7,400 img/s on an H200; channels-last was slower); 'generic': net(floats)."""
 
     def __init__(self, net, kind="generic", name="net", device="cpu"):
         self.kind, self.name, self.device = kind, name, torch.device(device)
@@ -148,14 +150,14 @@ class FeatureNet:
                        self.net(x.round().clamp(0, 255).to(torch.uint8), return_features=True))
         return torch.cat(out).float()
 
-def load_feature_net(name_or_path="inception", cache_dir=None, sha256=None, kind=None, device="cpu", url=INCEPTION_URL):
-    """'inception' -> the standard FID Inception-v3, downloaded into cache_dir once (its sha256 recorded then, and
-    checked on later loads); a path -> that TorchScript file, kind 'inception' if its name starts so."""
+def load_feature_net(name_or_path="inception", cache_dir=None, sha256=None, device="cpu", url=INCEPTION_URL):
+    """'inception' -> the standard FID Inception-v3, downloaded into cache_dir once (not pinned: its sha256 recorded
+    then, checked on later loads); a path -> that TorchScript file, kind 'inception' if its name starts so."""
     path = name_or_path
     if path == "inception":
         path = os.path.join(cache_dir or os.path.expanduser("~/.cache/speed"), "inception-2015-12-05.pt")
         try:
-            download(url, path, sha256 or INCEPTION_SHA256)
+            download(url, path, sha256)
         except OSError as e:
             raise DataError(f"could not download the Inception network from {url} ({e}); without internet "
                             f"put inception-2015-12-05.pt in {os.path.dirname(path)} or pass a file path") from e
@@ -167,9 +169,9 @@ def load_feature_net(name_or_path="inception", cache_dir=None, sha256=None, kind
     if want not in (None, digest):
         raise ValueError(f"{path} has sha256 {digest}, expected {want}")
     want or name_or_path != "inception" or open(stamp, "w").write(digest)
-    kind = kind or ("inception" if os.path.basename(path).startswith("inception") else "generic")
-    net = torch.jit.load(path, map_location="cpu").eval()
-    return FeatureNet(net, kind, f"{os.path.basename(path)}:{digest[:12]}", device)
+    kind = "inception" if os.path.basename(path).startswith("inception") else "generic"
+    return FeatureNet(torch.jit.load(path, map_location="cpu").eval(), kind, f"{os.path.basename(path)}:{digest[:12]}",
+                      device)
 
 def reference_stats(net, images, cache_path=None):
     """(mean, covariance) of a data set's features on the net's device, cached in cache_path per (net, data)."""
@@ -274,13 +276,11 @@ def run(args):
     def fds(ema, n):  # {sampler: FD of n samples}
         return {s: fd_of_samples(net, draw(fast(ema), sampler, n), ref) for s, sampler in samplers.items() if net and n}
 
-    def evaluate(result):  # every `every` steps and at the end: FDs into result.extra (saved with checkpoints), metrics
-        if result.step % every == 0 or result.step == args.steps:
-            for s, fd in fds(result.ema, args.eval_samples).items():
-                result.extra.setdefault("evals", {}).setdefault(s, []).append([result.step, fd])
-                print(f"\n[{args.strategy} seed {args.seed}] step {result.step}: {args.metric} {s} {fd:.3f}", flush=True)
-            write_metrics(args, result, data, t0)
-        return False  # True would stop training
+    def evaluate(result):  # train() calls it every `every` steps and at the end: FDs into result.extra, metrics
+        for s, fd in fds(result.ema, args.eval_samples).items():
+            result.extra.setdefault("evals", {}).setdefault(s, []).append([result.step, fd])
+            print(f"\n[{args.strategy} seed {args.seed}] step {result.step}: {args.metric} {s} {fd:.3f}", flush=True)
+        write_metrics(args, result, data, t0)
 
     os.makedirs(args.out, exist_ok=True)
     try:
@@ -337,14 +337,13 @@ def _arg(kind, ok, valid):
 def check(args):
     """Fill in the preset and check what argparse cannot; raises OptionError, reads no data, creates nothing."""
     gpus, world = torch.cuda.device_count() if torch.cuda.is_available() else 0, int(os.environ.get("WORLD_SIZE", 1))
-    try:
-        args.device = torch.device(args.device or ("cuda" if gpus else "cpu"))
-        if args.device.type == "cuda" and "WORLD_SIZE" in os.environ:  # torchrun: the GPU of this process
-            args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        assert args.device.type == "cpu" or args.device.type == "cuda" and (args.device.index or 0) < gpus
-    except (RuntimeError, AssertionError):
+    args.device = args.device or ("cuda" if gpus else "cpu")
+    if args.device.split(":")[0] == "cuda" and "WORLD_SIZE" in os.environ:  # torchrun: the GPU of this process
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+    if args.device not in ["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(gpus)] if gpus else []):
         raise OptionError(f"--device {args.device}: not available; valid: cpu" + (
-            f", cuda, cuda:0 .. cuda:{gpus - 1}" if gpus else " (this machine or torch build has no CUDA GPU)")) from None
+            f", cuda, cuda:0 .. cuda:{gpus - 1}" if gpus else " (this machine or torch build has no CUDA GPU)"))
+    args.device = torch.device(args.device)
     args.preset = args.preset or ("h100" if args.device.type == "cuda" else "cpu")
     for k, v in {**DEFAULTS, **PRESETS[args.preset]}.items():
         setattr(args, k, v if getattr(args, k, None) is None else getattr(args, k))
@@ -362,7 +361,8 @@ def check(args):
         args.fid_model in ("inception", "none") or torch.jit.load(args.fid_model, map_location="cpu")
     except (RuntimeError, ValueError, OSError) as e:
         why = str(e).strip().split(". ")[0] if os.path.isfile(args.fid_model) else "no such file"
-        raise OptionError(f"--fid-model {args.fid_model}: {why}; valid: inception, none or a TorchScript file") from None
+        raise OptionError(f"--fid-model {args.fid_model}: {why}; valid: inception, none or a TorchScript file") \
+            from None
     if args.resume and not os.path.exists(os.path.join(args.out, "ckpt.pt")):
         raise OptionError(f"--resume: no checkpoint {os.path.join(args.out, 'ckpt.pt')}; pass the run's --out, or "
                           f"start it without --resume")
@@ -380,7 +380,8 @@ def parse_args(argv=None):
     add("--limit", type=pos, help="use only the first N images")
     add("--subset", type=pos, help="train on a fixed class-balanced N-image subset (FD against it)")
     add("--model", choices=["micro", *speed.UNET_SIZES], help="UNet size")
-    add("--steps", type=pos, help="training steps"), add("--evals", type=pos, help="evaluations during training")
+    add("--steps", type=pos, help="training steps")
+    add("--evals", type=pos, help="evaluations during training")
     add("--batch-size", type=pos, help="images per step (under torchrun: over all processes)")
     add("--eval-samples", type=pos, help="samples per evaluation")
     add("--final-samples", type=count, help="samples of a final evaluation (0: none)")

@@ -86,6 +86,8 @@ MUTANTS = [
        "value = lr * min(1.0, step / warmup) if warmup else lr")]),
     ("resume does not restore the global RNG (dropout)",
      [('    torch.set_rng_state(ck["rng"]["cpu"])', "    pass")]),
+    ("resume does not restore the loss sums of the current log interval",
+     [('    sums.copy_(ck["sums"]), counts.copy_(ck["counts"])', "    pass")]),
     ("resume accepts another experiment",
      [('    _check(not differ, f"checkpoint {path}', '    _check(True, f"checkpoint {path}')]),
     ("SIGINT does not mark the result interrupted",

@@ -7,6 +7,8 @@
 #   bash bench/run_h100.sh        (writes logs and results under $OUT, or out/ without it)
 # The committed call hit the 10-minute limit during ddpm; ddpm's line in bench_train_graphs.json is the
 # same bench_train.py command with --sizes ddpm --compile ddpm, alone, in a second call on an H100.
+# As it ran at commit 6b09aca: bench_train.py is no longer in the tree (git show 6b09aca:bench/bench_train.py);
+# to re-run, check that commit out (bench/README.md, "Code version").
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT" runs
 export PYTHONUNBUFFERED=1

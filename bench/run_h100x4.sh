@@ -7,6 +7,8 @@
 #   GPUs 2, 3: bench/run_compare4.sh (the comparison's remaining runs; continue with a second call).
 # The other GPUs' jobs share the host's 64 cores, so the two timings are of a busy host.
 #   bash bench/run_h100x4.sh        (writes logs and results under $OUT, or out/ without it)
+# As it ran at commit 6b09aca: bench_train.py is no longer in the tree (git show 6b09aca:bench/bench_train.py);
+# to re-run, check that commit out (bench/README.md, "Code version").
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT" runs
 export PYTHONUNBUFFERED=1
