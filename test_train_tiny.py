@@ -417,6 +417,34 @@ def test_no_speedup_from_fewer_than_three_evaluations(tmp_path):
     assert "×" not in (tmp_path / "compare.md").read_text()
 
 
+def test_protocol_report_tables_each_arm_with_per_seed_speedups_and_best_points(tmp_path, monkeypatch):
+    import protocol_report
+    c = lambda *fds: [[10 * (i + 1), f] for i, f in enumerate(fds)]  # noqa: E731
+    full, small = tmp_path / "full", tmp_path / "small"
+    _fake_run(full, "uniform", 0, dict(ddpm=c(10, 8, 6)), final=dict(ddpm=5.5))
+    _fake_run(full, "uniform", 1, dict(ddpm=c(10, 8, 4)), final=dict(ddpm=4.5))
+    _fake_run(full, "speed", 0, dict(ddpm=c(8, 4, 5)), final=dict(ddpm=4.0))  # best point 4 at step 20, not the last
+    _fake_run(full, "speed", 1, dict(ddpm=c(9, 9, 9)), final=dict(ddpm=9.0))  # never reaches its baseline's 4
+    _fake_run(small, "uniform", 0, dict(ddpm=c(20, 18, 16)), final=dict(ddpm=15.0))
+    _fake_run(small, "speed", 0, dict(ddpm=c(20, 16, 15)), final=dict(ddpm=14.0))
+    compare.summarize(str(full), ["uniform", "speed"], [0, 1], quiet=True)
+    compare.summarize(str(small), ["uniform", "speed"], [0], quiet=True)
+    monkeypatch.setattr(sys, "argv", ["protocol_report.py", "--folder", str(tmp_path)])
+    protocol_report.main()
+    report = (tmp_path / "report.md").read_text()
+    full_part, small_part = report.split("## small")
+    speed_full = next(line for line in full_part.splitlines() if line.startswith("| speed |"))
+    cells = [x.strip() for x in speed_full.strip("|").split("|")]
+    assert cells[:3] == ["speed", "2", f"6.50 ± {2.5 * 2 ** 0.5:.2f}"]  # FID-10k mean ± std over the two seeds
+    assert cells[3] == "6.50"  # best of each seed's curve (4 and 9), averaged: not the last points (5 and 9)
+    # uniform's mean curve 10, 8, 5 ends at 5; speed's mean 8.5, 6.5, 7 never reaches it; per seed: seed 0 reaches
+    # uniform seed 0's 6 at 10 + 10 * 2 / 4 = 15 (30 / 15 = 2), seed 1 never reaches 4
+    assert cells[4] == "not reached (2.00, not reached)"
+    speed_small = next(line for line in small_part.splitlines() if line.startswith("| speed |"))
+    assert "14.00 |" in speed_small and "±" not in speed_small.split("|")[3]  # one seed: no spread
+    assert (tmp_path / "protocol.png").stat().st_size > 0
+
+
 def test_launch_packs_runs_per_gpu_and_reports_failures(tmp_path, monkeypatch):
     fake = tmp_path / "fake.py"
     fake.write_text("import json, os, sys, time\nd = sys.argv[sys.argv.index('--out') + 1]\ntime.sleep(0.3)\n"
