@@ -170,6 +170,16 @@ def markdown(summary):
     return "\n".join(lines)
 
 
+def draw_curves(ax, curves):
+    """One sampler's curves {spec: {steps, mean, per_seed}} on ax: the mean over seeds, a band from min to max."""
+    for spec, c in curves.items():
+        if c["mean"]:
+            line, = ax.plot(c["steps"], c["mean"], marker="o", ms=3, label=f"{spec} ({len(c['per_seed'])} seeds)")
+            v = list(c["per_seed"].values())
+            ax.fill_between(c["steps"], [min(x) for x in zip(*v)], [max(x) for x in zip(*v)],
+                            color=line.get_color(), alpha=0.15)
+
+
 def plot(summary, path):
     """Quality vs training steps, one panel per sampler: mean over seeds, band from min to max."""
     import matplotlib
@@ -178,12 +188,7 @@ def plot(summary, path):
     samplers = summary["samplers"] or ["none"]
     fig, axes = plt.subplots(1, len(samplers), figsize=(6 * len(samplers), 4), squeeze=False)
     for ax, sampler in zip(axes[0], samplers):
-        for spec, c in summary["curves"].get(sampler, {}).items():
-            if c["mean"]:
-                line, = ax.plot(c["steps"], c["mean"], marker="o", ms=3, label=f"{spec} ({len(c['per_seed'])} seeds)")
-                v = list(c["per_seed"].values())
-                ax.fill_between(c["steps"], [min(x) for x in zip(*v)], [max(x) for x in zip(*v)],
-                                color=line.get_color(), alpha=0.15)
+        draw_curves(ax, summary["curves"].get(sampler, {}))
         ax.set(xlabel="training step", ylabel=f"{summary['metric']} (lower is better)", yscale="log", title=sampler)
         ax.grid(alpha=0.3, which="both")
         ax.get_legend_handles_labels()[0] and ax.legend(fontsize=7)

@@ -11,6 +11,10 @@ section is copied from these two files.
 import argparse
 import json
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare  # noqa: E402
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "protocol")
 ARMS = {"full": "CIFAR-10 (JPEG-75 copy), all 50,000 images",
@@ -53,13 +57,7 @@ def figure(summaries, path):
                              squeeze=False)
     for row, (arm, s) in zip(axes, summaries.items()):
         for ax, m in zip(row, samplers):
-            for spec, c in s["curves"].get(m, {}).items():
-                if not c["mean"]:
-                    continue
-                line, = ax.plot(c["steps"], c["mean"], marker="o", ms=3, label=f"{spec} ({len(c['per_seed'])} seeds)")
-                v = list(c["per_seed"].values())
-                ax.fill_between(c["steps"], [min(x) for x in zip(*v)], [max(x) for x in zip(*v)],
-                                color=line.get_color(), alpha=0.15)
+            compare.draw_curves(ax, s["curves"].get(m, {}))
             ax.set(title=f"{arm} data, {m}", xlabel="training step (batch 128)", ylabel="FID-5k (Inception)",
                    yscale="log")
             ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 30, 40 rather than 3x10^1
