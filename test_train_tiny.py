@@ -449,15 +449,20 @@ def test_launch_packs_runs_per_gpu_and_reports_failures(tmp_path, monkeypatch):
     fake = tmp_path / "fake.py"
     fake.write_text("import json, os, sys, time\nd = sys.argv[sys.argv.index('--out') + 1]\ntime.sleep(0.3)\n"
                     "json.dump(dict(gpu=os.environ.get('CUDA_VISIBLE_DEVICES'), omp=os.environ['OMP_NUM_THREADS'],\n"
-                    "               t=time.time()), open(os.path.join(d, 'env.json'), 'w'))\n"
+                    "               extra=os.environ.get('EXTRA_VAR'), t=time.time()),\n"
+                    "          open(os.path.join(d, 'env.json'), 'w'))\n"
                     "sys.exit(3 if 'fail' in d else 0)\n")
     monkeypatch.setattr(compare, "TRAIN_TINY", str(fake))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     jobs = [(f"s{i}", 0, str(tmp_path / ("fail" if i == 4 else f"r{i}")), ["--out", str(tmp_path / (
         "fail" if i == 4 else f"r{i}"))]) for i in range(5)]
-    failed = compare.launch(jobs, gpus=[0, 1], per_gpu=2, prepare=False)
+    jobs[1] += ({"EXTRA_VAR": "x"},)  # a job's own environment on top
+    walls = {}
+    failed = compare.launch(jobs, gpus=[0, 1], per_gpu=2, prepare=False, walls=walls)
     assert failed == [("s4", 0, 3)]
+    assert set(walls) == {(f"s{i}", 0) for i in range(4)} and all(0.3 <= w < 30 for w in walls.values())
     envs = [json.load(open(os.path.join(j[2], "env.json"))) for j in jobs]
+    assert [e["extra"] for e in envs] == [None, "x", None, None, None]
     assert [e["gpu"] for e in envs[:4]] == ["0", "0", "1", "1"] and envs[4]["gpu"] in ("0", "1")
     assert {e["omp"] for e in envs} == {"2"}  # 8 cores over 4 slots
     assert os.path.exists(tmp_path / "fail" / "log.txt")

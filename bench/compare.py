@@ -221,9 +221,10 @@ def plan(args, train_args):
     return jobs
 
 
-def launch(jobs, gpus, per_gpu, prepare=True):
-    """Run the jobs, per_gpu at a time on each GPU (CUDA_VISIBLE_DEVICES per run; on the CPU per_gpu at
-    a time), CPU threads split evenly between them. Returns [(spec, seed, exit status)] of failed runs."""
+def launch(jobs, gpus, per_gpu, prepare=True, walls=None):
+    """Run the jobs (spec, seed, folder, argv[, extra environment]), per_gpu at a time on each GPU
+    (CUDA_VISIBLE_DEVICES per run; on the CPU per_gpu at a time), CPU threads split evenly between them.
+    Returns [(spec, seed, exit status)] of failed runs; `walls` (a dict) gets each finished run's seconds."""
     slots = [g for g in (gpus or [None]) for _ in range(per_gpu)]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // len(slots)))}
@@ -237,14 +238,15 @@ def launch(jobs, gpus, per_gpu, prepare=True):
     try:
         while jobs or running:
             while jobs and free:
-                spec, seed, d, argv = jobs.pop(0)
+                spec, seed, d, argv, *extra = jobs.pop(0)
                 gpu = free.pop(0)
                 os.makedirs(d, exist_ok=True)
                 log = open(os.path.join(d, "log.txt"), "a")
                 proc = subprocess.Popen([sys.executable, TRAIN_TINY] + argv, stdout=log, stderr=subprocess.STDOUT,
-                                        env={**env, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})},
+                                        env={**env, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {}),
+                                             **(extra[0] if extra else {})},
                                         start_new_session=True)  # a Ctrl-C reaches the runs once, through compare
-                running.append((spec, seed, gpu, proc, log))
+                running.append((spec, seed, gpu, proc, log, time.time()))
                 print(f"compare: started {spec} seed {seed}" + (f" on GPU {gpu}" if gpu is not None else ""), flush=True)
             for r in [r for r in running if r[3].poll() is not None]:
                 running.remove(r)
@@ -253,6 +255,8 @@ def launch(jobs, gpus, per_gpu, prepare=True):
                 print(f"compare: {r[0]} seed {r[1]} exited with {r[3].returncode}", flush=True)
                 if r[3].returncode:
                     failed.append((r[0], r[1], r[3].returncode))
+                elif walls is not None:
+                    walls[r[0], r[1]] = time.time() - r[5]
             time.sleep(0.2)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every run checkpoints and stops
         for r in running:

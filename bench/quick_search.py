@@ -6,24 +6,22 @@
 Each candidate is a set of train_tiny.py options on top of the h100 preset. A run is timed end to end as a new
 user meets it: its own empty data cache (JPEG decoding, reference statistics) and its own empty torch.compile
 cache, one evaluation at the end (FID of 10,000 samples, --evals 1 --eval-samples 10000 --final-samples 0).
-Runs go one per GPU at a time; results merge into bench/results/quick_search.json (keyed by candidate and seed),
-so a cut-off search continues where it stopped (--resume skips what is there). The steps of each candidate aim
+Runs go one per GPU at a time (bench/compare.py's launcher); results merge into bench/results/quick_search.json
+(keyed by candidate and seed), so a cut-off search continues where it stopped (--resume skips what is there). The steps of each candidate aim
 at a 6-minute wall time from the throughputs in bench/results/speed.json; the wall times measured say whether
 they did. Prints a table, best FID first, of the candidates within --budget-s.
 """
 import argparse
 import json
 import os
-import queue
 import re
 import shutil
-import subprocess
+import signal
 import sys
-import threading
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TRAIN_TINY = os.path.join(HERE, "..", "train_tiny.py")
+sys.path.insert(0, HERE)
+import compare  # noqa: E402
 CANDIDATES = {  # name: train_tiny options (the h100 preset: tiny UNet, lr 5e-4, warm-up 200, EMA 0.999, SpeeD)
     "tiny_b128": "--model tiny --batch-size 128 --steps 22000 --eval-samplers ddpm250",
     "tiny_b128_ddim50": "--model tiny --batch-size 128 --steps 24000 --eval-samplers ddim50",
@@ -36,25 +34,23 @@ CANDIDATES = {  # name: train_tiny options (the h100 preset: tiny UNet, lr 5e-4,
 }
 
 
-def run_one(name, seed, gpu, args, work):
-    """One train_tiny.py process on one GPU, from empty caches; (wall seconds, FID, metrics) or an error."""
-    out, cache = os.path.join(work, f"{name}_s{seed}"), os.path.join(work, f"cache_{name}_s{seed}")
+def job(name, seed, args):
+    """compare.launch's job for one candidate and seed: its own empty data and torch.compile caches."""
+    out, cache = os.path.join(args.work, f"{name}_s{seed}"), os.path.join(args.work, f"cache_{name}_s{seed}")
     shutil.rmtree(out, ignore_errors=True), shutil.rmtree(cache, ignore_errors=True)
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"))
-    cmd = [sys.executable, TRAIN_TINY, "--preset", "h100", "--data", args.data, "--fid-model", args.fid_model,
-           "--seed", str(seed), "--evals", "1", "--eval-samples", "10000", "--final-samples", "0", "--quiet",
-           "--out", out, "--cache", cache] + CANDIDATES[name].split()
-    t = time.time()
-    with open(os.path.join(work, f"{name}_s{seed}.log"), "w") as log:
-        rc = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.time() - t
-    if rc != 0:
-        return dict(error=f"exit {rc}", wall_s=wall)
+    argv = ["--preset", "h100", "--data", args.data, "--fid-model", args.fid_model, "--seed", str(seed),
+            "--evals", "1", "--eval-samples", "10000", "--final-samples", "0", "--quiet", "--out", out,
+            "--cache", cache] + CANDIDATES[name].split()
+    return name, seed, out, argv, {"TORCHINDUCTOR_CACHE_DIR": os.path.join(cache, "inductor")}
+
+
+def result(name, out, wall):
+    """A finished run's wall seconds (process start to exit), FID-10k and what produced it."""
     with open(os.path.join(out, "metrics.json")) as f:
         m = json.load(f)
     (sampler, curve), = m["evals"].items()
-    return dict(wall_s=wall, fid10k=curve[-1][1], metric=m["metric"], sampler=sampler, steps=m["steps"], options=CANDIDATES[name],
-                device=m["device"], history_img_s=[h["img_per_s"] for h in m["history"]][-1:])
+    return dict(wall_s=wall, fid10k=curve[-1][1], metric=m["metric"], sampler=sampler, steps=m["steps"],
+                options=CANDIDATES[name], device=m["device"], img_per_s=m["history"][-1]["img_per_s"])
 
 
 def main():
@@ -64,7 +60,7 @@ def main():
     p.add_argument("--only", default=",".join(CANDIDATES), help="comma-separated candidates: " + ", ".join(CANDIDATES))
     p.add_argument("--seeds", default="0")
     p.add_argument("--gpus", default="0")
-    p.add_argument("--work", default="/tmp/quick_search", help="run folders and caches (deleted per run)")
+    p.add_argument("--work", default="/tmp/quick_search", help="run folders and caches (emptied per run)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "quick_search.json"))
     p.add_argument("--budget-s", type=float, default=360.0)
     p.add_argument("--resume", action="store_true", help="skip candidate/seed pairs already in --out")
@@ -74,36 +70,28 @@ def main():
     if bad:
         raise SystemExit(f"quick_search: --only {','.join(bad)}: unknown; valid: {', '.join(CANDIDATES)}")
     results = json.load(open(args.out)) if os.path.exists(args.out) else {}
-    todo = queue.Queue()
-    for n in names:
-        for s in map(int, args.seeds.split(",")):
-            if not (args.resume and f"{n}_s{s}" in results and "error" not in results[f"{n}_s{s}"]):
-                todo.put((n, s))
-    os.makedirs(args.work, exist_ok=True)
-    lock = threading.Lock()
-
-    def worker(gpu):  # one run at a time on this GPU; each result is written as soon as it exists
-        while True:
-            try:
-                n, s = todo.get_nowait()
-            except queue.Empty:
-                return
-            r = run_one(n, s, gpu, args, args.work)
-            with lock:
-                results[f"{n}_s{s}"] = r
-                with open(args.out + ".tmp", "w") as f:
-                    json.dump(results, f, indent=1)
-                os.replace(args.out + ".tmp", args.out)
-                print(f"{n} seed {s} on GPU {gpu}: " + (r.get("error") or f"{r['metric']}-10k {r['fid10k']:.2f} "
-                      f"({r['sampler']}) in {r['wall_s']:.0f} s"), flush=True)
-    threads = [threading.Thread(target=worker, args=(int(g),)) for g in args.gpus.split(",")]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `timeout` stops the runs like Ctrl-C
+    jobs = [job(n, s, args) for n in names for s in map(int, args.seeds.split(","))
+            if not (args.resume and f"{n}_s{s}" in results)]
+    walls = {}
+    try:  # one run per GPU at a time; a cut-off search (Ctrl-C, SIGTERM) keeps the runs that finished
+        failed = compare.launch(jobs, [int(g) for g in args.gpus.split(",")], 1, prepare=False, walls=walls)
+    except KeyboardInterrupt:
+        failed = []
+    for name, seed, out, _, _ in jobs:
+        if (name, seed) in walls:
+            results[f"{name}_s{seed}"] = r = result(name, out, walls[name, seed])
+            print(f"{name} seed {seed}: {r['metric']}-10k {r['fid10k']:.2f} ({r['sampler']}) in {r['wall_s']:.0f} s")
+    for name, seed, status in failed:
+        print(f"{name} seed {seed} failed (exit {status}): see its log.txt in {args.work}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
     table = {}  # candidate: FIDs and walls over seeds
     for key, r in results.items():
-        if "error" not in r:
-            t = table.setdefault(re.sub(r"_s\d+$", "", key), dict(fid=[], wall=[]))
-            t["fid"].append(r["fid10k"]), t["wall"].append(r["wall_s"])
+        t = table.setdefault(re.sub(r"_s\d+$", "", key), dict(fid=[], wall=[]))
+        t["fid"].append(r["fid10k"]), t["wall"].append(r["wall_s"])
     print(f"{'candidate':<22}{'seeds':>6}{'FID-10k mean ± std':>22}{'wall s (max)':>14}  within budget")
     for name, t in sorted(table.items(), key=lambda kv: sum(kv[1]["fid"]) / len(kv[1]["fid"])):
         n, mean = len(t["fid"]), sum(t["fid"]) / len(t["fid"])
