@@ -37,4 +37,8 @@ timeout -s TERM "${LIMIT_S:-550}" python3 bench/compare.py --strategies "${STRAT
     --data .devdata/cifar10-train-jpeg75.zip --fid-model /tmp/devcache/inception-fid-fp16.pt --steps 20000 \
     --batch-size 128 --evals 10 --eval-samplers ddpm250,ddim25 --eval-samples 5000 --final-samples 10000 $EXTRA
 cp -r bench/results/protocol/$ARM/. /tmp/protocol_keep/$ARM/
+# sample grids travel and are committed as JPEG-95 (bench/README.md), a third of the PNG's size
+python3 -c "import glob, os, PIL.Image as I
+for f in glob.glob('bench/results/protocol/$ARM/*/samples.png'):
+    I.open(f).convert('RGB').save(f[:-3] + 'jpg', quality=95, subsampling=0); os.remove(f)"
 tar czf "$OUT/arm-$ARM-$(date +%s).tgz" --exclude=ckpt.pt bench/results/protocol/$ARM
