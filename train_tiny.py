@@ -9,7 +9,7 @@
 Writes to --out: metrics.json (FD curve per sampler), samples.png, ckpt.pt. Comparisons: bench/compare.py.
 """
 import argparse, ast, functools, hashlib, io, json, os, pickle, re, sys, tarfile, time  # noqa: E401
-import urllib.request, zipfile, zlib  # noqa: E401
+import contextlib, urllib.request, zipfile, zlib  # noqa: E401
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -78,7 +78,7 @@ def read_images(path, limit=None):
         except OSError as e:
             raise DataError(f"could not decode image {name}: {e}") from None
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-        imgs = list(pool.map(decode, names, raw, chunksize=256))
+        imgs = list(pool.map(decode, names, raw))
     if len(shapes := {i.shape for i in imgs}) != 1:
         raise DataError(f"images in {path} have different sizes {sorted(shapes)[:4]}; resize them" if imgs else
                         f"{path} holds no images ({', '.join(IMAGE_EXTS)})")
@@ -88,7 +88,7 @@ def load_data(data=None, cache_dir="data", limit=None):
     """read_images of `data` or (None) of CIFAR-10, downloaded once; decoded once, then read from cache_dir."""
     source = data or os.path.join(cache_dir, "cifar-10-python.tar.gz")
     try:
-        data is None and download(CIFAR10_URL, source, md5=CIFAR10_MD5)
+        data is None and download(CIFAR10_URL, source, "md5", CIFAR10_MD5)
     except (OSError, ValueError) as e:
         hint = f" (here: --data {os.path.relpath(SHARED_ZIP)})" if os.path.exists(SHARED_ZIP) else ""
         raise DataError(f"could not download CIFAR-10 from {CIFAR10_URL} ({e}); without internet pass --data "
@@ -118,14 +118,13 @@ def data_digest(images):
 
 # ---- Metric: feature nets (Inception for FID), their download, reference statistics, FD of samples
 
-def download(url, path, sha256=None, md5=None):
-    """url -> path once; checked (a wrong checksum raises ValueError) before anything is written."""
+def download(url, path, algo="sha256", want=None):
+    """url -> path once; checked (a wrong `algo` checksum raises ValueError) before anything is written."""
     if not os.path.exists(path):
         with urllib.request.urlopen(url, timeout=60) as r:
             raw = r.read()
-        for algo, want in (("sha256", sha256), ("md5", md5)):
-            if want and (got := hashlib.new(algo, raw).hexdigest()) != want:
-                raise ValueError(f"checksum mismatch for {url}: expected {algo} {want}, got {got}")
+        if want and (got := hashlib.new(algo, raw).hexdigest()) != want:
+            raise ValueError(f"checksum mismatch for {url}: expected {algo} {want}, got {got}")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(f"{path}.part{os.getpid()}", "wb") as f:
             f.write(raw)
@@ -137,9 +136,9 @@ class FeatureNet:
     the StyleGAN2-ADA/EDM TorchScript Inception, net(uint8, return_features=True), 2048-d (it resizes to 299 and
     runs in fp16 inside: 7,400 img/s on an H200; channels-last was slower); 'generic': net(floats)."""
 
-    def __init__(self, net, kind="generic", name="net", device="cpu"):
-        self.kind, self.name, self.device = kind, name, torch.device(device)
-        self.net = net.to(device)
+    def __init__(self, net, name, device="cpu"):  # name: "<file>:<sha256[:12]>", the kind from the file name
+        self.kind = "inception" if name.startswith("inception") else "generic"
+        self.name, self.device, self.net = name, torch.device(device), net.to(device)
 
     @torch.no_grad()
     def __call__(self, images, batch_size=500):
@@ -157,7 +156,7 @@ def load_feature_net(name_or_path="inception", cache_dir=None, sha256=None, devi
     if path == "inception":
         path = os.path.join(cache_dir or os.path.expanduser("~/.cache/speed"), "inception-2015-12-05.pt")
         try:
-            download(url, path, sha256)
+            download(url, path, want=sha256)
         except OSError as e:
             raise DataError(f"could not download the Inception network from {url} ({e}); without internet "
                             f"put inception-2015-12-05.pt in {os.path.dirname(path)} or pass a file path") from e
@@ -169,20 +168,18 @@ def load_feature_net(name_or_path="inception", cache_dir=None, sha256=None, devi
     if want not in (None, digest):
         raise ValueError(f"{path} has sha256 {digest}, expected {want}")
     want or name_or_path != "inception" or open(stamp, "w").write(digest)
-    kind = "inception" if os.path.basename(path).startswith("inception") else "generic"
-    return FeatureNet(torch.jit.load(path, map_location="cpu").eval(), kind, f"{os.path.basename(path)}:{digest[:12]}",
-                      device)
+    net = torch.jit.load(path, map_location="cpu").eval()
+    return FeatureNet(net, f"{os.path.basename(path)}:{digest[:12]}", device)
 
-def reference_stats(net, images, cache_path=None):
+def reference_stats(net, images, cache_path):
     """(mean, covariance) of a data set's features on the net's device, cached in cache_path per (net, data)."""
     key = f"{net.name}|{len(images)}|{data_digest(images)}"
-    cached = torch.load(cache_path, weights_only=True) if cache_path and os.path.exists(cache_path) else {}
+    cached = torch.load(cache_path, weights_only=True) if os.path.exists(cache_path) else {}
     if cached.get("key") == key:
         return cached["mu"].to(net.device), cached["sigma"].to(net.device)
     mu, sigma = speed.feature_stats(net(images))
-    if cache_path:
-        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-        speed._save_atomic({"key": key, "mu": mu.cpu(), "sigma": sigma.cpu()}, cache_path)
+    os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+    speed._save_atomic({"key": key, "mu": mu.cpu(), "sigma": sigma.cpu()}, cache_path)
     return mu, sigma
 
 def fd_of_samples(net, samples, ref):
@@ -202,10 +199,9 @@ def make_strategy(spec, schedule):
         raise OptionError(f"--strategy {spec}: {' '.join(str(e).split())}") from None
 
 def _value(text):  # a Python literal (none, true and false in any case), else the word itself
-    try:
+    with contextlib.suppress(ValueError, SyntaxError):
         return ast.literal_eval({"none": "None", "true": "True", "false": "False"}.get(text.lower(), text))
-    except (ValueError, SyntaxError):
-        return text
+    return text
 
 def parse_samplers(text, T):
     """'ddpm250,ddim25' -> {'ddpm250': (speed.ddpm_sample, 250), 'ddim25': (speed.ddim_sample, 25)}."""
@@ -326,17 +322,15 @@ class _Parser(argparse.ArgumentParser):
 def _arg(kind, ok, valid):
     """An argparse type: kind(text) satisfying ok, else 'valid: ...'."""
     def parse(text):
-        try:
+        with contextlib.suppress(ValueError):
             if ok(value := kind(text)):
                 return value
-        except ValueError:
-            pass
         raise argparse.ArgumentTypeError(f"{text!r} is not valid; valid: {valid}")
     return parse
 
 def check(args):
     """Fill in the preset and check what argparse cannot; raises OptionError, reads no data, creates nothing."""
-    gpus, world = torch.cuda.device_count() if torch.cuda.is_available() else 0, int(os.environ.get("WORLD_SIZE", 1))
+    gpus, world = torch.cuda.device_count(), int(os.environ.get("WORLD_SIZE", 1))
     args.device = args.device or ("cuda" if gpus else "cpu")
     if args.device.split(":")[0] == "cuda" and "WORLD_SIZE" in os.environ:  # torchrun: the GPU of this process
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
