@@ -312,6 +312,13 @@ def test_bad_option_is_one_line_exit_2_and_creates_nothing(tmp_path, monkeypatch
     assert os.listdir(tmp_path) == []
 
 
+def test_options_that_do_not_fit_the_data_name_the_option(tmp_path, data, capsys):
+    # checked by speed.train once the data is known (16 images here): the message names the command-line option
+    assert train_tiny.main(_argv(data, tmp_path / "run", "--batch-size", "32")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train_tiny: --batch-size must be") and "got 32" in err[0], err
+
+
 def test_bad_options_as_subprocesses(tmp_path):
     cases = [["--strategy", "speed:k=0"], ["--fid-model", "/etc/passwd"], ["--device", "cuda:99"]]
     procs = [subprocess.Popen([sys.executable, TRAIN_TINY, *c], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
