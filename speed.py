@@ -737,7 +737,7 @@ def ddim_sample(model, schedule, n, shape=(3, 32, 32), steps=50, eta=0.0, target
     ts, j = ts.to(device), torch.zeros(1, dtype=torch.long, device=device)
     gdev, b = generator.device if generator is not None else device, min(batch_size, n)
     start = torch.randn((n, *shape), generator=generator, device=gdev).to(device)
-    fmt = torch.channels_last if device.type == "cuda" and len(shape) == 3 else torch.contiguous_format  # NHWC: 1.36x
+    fmt = torch.channels_last if device.type == "cuda" and len(shape) == 3 else torch.contiguous_format  # NHWC convs
     x, z = (torch.zeros((b, *shape), device=device).contiguous(memory_format=fmt) for _ in "xz")
     y = torch.zeros(b, dtype=torch.long, device=device) if labels is not None else None
 
