@@ -415,6 +415,22 @@ def test_summary_per_sampler_per_seed_and_mean_curve(tmp_path):
     assert "ddpm" in table and "ddim" in table and "1.85×" in table and (tmp_path / "compare.png").exists()
 
 
+def test_summary_reads_missing_runs_from_another_arm(tmp_path, capsys):
+    c = lambda *fds: [[10 * (i + 1), f] for i, f in enumerate(fds)]  # noqa: E731
+    full, attrib = tmp_path / "full", tmp_path / "attrib"
+    _fake_run(full, "uniform", 0, dict(ddpm=c(10, 8, 6, 4)))
+    _fake_run(attrib, "uniform", 0, dict(ddpm=c(10, 8, 6, 2)))     # another arm's own uniform run wins
+    _fake_run(full, "uniform", 1, dict(ddpm=c(10, 8, 6, 4)))
+    _fake_run(attrib, "speed:k=1", 0, dict(ddpm=c(8, 4, 3, 2)))
+    argv = ["--strategies", "uniform,speed:k=1", "--seeds", "0,1", "--out", str(attrib)]
+    assert compare.main(argv + ["--summarize", "--runs-from", str(full)]) == 0
+    s = json.loads((attrib / "compare.json").read_text())
+    assert s["runs"]["uniform_s0"]["folder"] == "uniform_s0" and s["runs"]["uniform_s1"]["folder"] == "../full/uniform_s1"
+    assert s["curves"]["ddpm"]["uniform"]["per_seed"] == {"0": [10, 8, 6, 2], "1": [10, 8, 6, 4]}
+    assert s["rows"][1]["ddpm"]["speedup_per_seed"]["0"] == pytest.approx(1.0)  # reaches uniform's 2 at step 40
+    assert compare.main(argv + ["--runs-from", str(full)]) == 2 and "--runs-from" in capsys.readouterr().err
+
+
 def test_no_speedup_from_fewer_than_three_evaluations(tmp_path):
     _fake_run(tmp_path, "uniform", 0, dict(ddim=[[10, 9.0], [20, 4.0]]))
     _fake_run(tmp_path, "speed", 0, dict(ddim=[[10, 5.0], [20, 2.0]]))

@@ -6,6 +6,7 @@ their quality curves under each sampler: a table, a plot and the speed-up factor
         --eval-samplers ddpm250,ddim25 --eval-samples 5000 --final-samples 10000
     python bench/compare.py ... --resume        # continue unfinished runs from their checkpoints, skip finished ones
     python bench/compare.py ... --summarize     # only rebuild compare.json, compare.md and compare.png
+    python bench/compare.py --strategies uniform,speed:k=1 --out arm2 --summarize --runs-from arm1  # reuse arm1's runs
 
 Everything after `--` goes to every run (see python train_tiny.py --help). Writes to --out one folder per run
 (train_tiny's outputs and log.txt) and compare.json (per-run curves for every sampler and the speed-ups),
@@ -74,23 +75,24 @@ def run_dir(out, spec, seed):
     return os.path.join(out, f"{spec.replace(':', '_').replace('=', '')}_s{seed}")
 
 
-def load_runs(out, specs, seeds):
-    """{(spec, seed): metrics} of every run that wrote metrics (metrics.partial.json: unfinished)."""
+def load_runs(out, specs, seeds, runs_from=None):
+    """{(spec, seed): metrics} of every run that wrote metrics (metrics.partial.json: unfinished); a run missing
+    from `out` is looked up in `runs_from` (another arm's folder: the attribution arm reuses the full arm's)."""
     runs = {}
     for spec in specs:
         for seed in seeds:
-            for name in ("metrics.json", "metrics.partial.json"):
-                path = os.path.join(run_dir(out, spec, seed), name)
-                if os.path.exists(path):
-                    with open(path) as f:
-                        runs[spec, seed] = json.load(f)
-                    break
+            paths = [os.path.join(run_dir(d, spec, seed), name) for d in (out, runs_from) if d
+                     for name in ("metrics.json", "metrics.partial.json")]
+            for path in filter(os.path.exists, paths):
+                with open(path) as f:
+                    runs[spec, seed] = dict(json.load(f), folder=os.path.dirname(path))
+                break
     return runs
 
 
-def summarize(out, specs, seeds, quiet=False):
+def summarize(out, specs, seeds, quiet=False, runs_from=None):
     """Curves, final quality and speed-ups per sampler; writes compare.json, compare.md and compare.png."""
-    runs = load_runs(out, specs, seeds)
+    runs = load_runs(out, specs, seeds, runs_from)
     if not runs:
         raise SystemExit(f"compare: no runs with metrics under {out}")
     first = next(iter(runs.values()))
@@ -112,7 +114,8 @@ def summarize(out, specs, seeds, quiet=False):
                    device=first["device"], rows=list(rows.values()), curves=curves,
                    runs={f"{spec}_s{sd}": dict(strategy=spec, seed=sd, steps=r["steps"], finished=r["finished"],
                                                evals=r["evals"], final=r["final"], final_samples=r["final_samples"],
-                                               wall_s=r["wall_s"]) for (spec, sd), r in runs.items()})
+                                               wall_s=r["wall_s"], folder=os.path.relpath(r["folder"], out))
+                         for (spec, sd), r in runs.items()})
     with open(os.path.join(out, "compare.json"), "w") as f:
         json.dump(summary, f, indent=1)
     table = markdown(summary)
@@ -281,6 +284,7 @@ def parse_args(argv):
                    help="runs sharing one GPU (or the CPU) at once")
     p.add_argument("--resume", action="store_true", help="continue unfinished runs, skip finished ones")
     p.add_argument("--summarize", action="store_true", help="only rebuild the summary from the runs' metrics")
+    p.add_argument("--runs-from", help="with --summarize: read runs missing from --out from this folder")
     args = p.parse_args(own)
     clash = [a for a in train_args if a.split("=")[0] in PER_RUN]
     if clash:
@@ -294,8 +298,10 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the runs like Ctrl-C
     try:
         args, train_args = parse_args(sys.argv[1:] if argv is None else argv)
+        if args.runs_from and not args.summarize:
+            raise train_tiny.OptionError("--runs-from: only with --summarize")
         if args.summarize:
-            summarize(args.out, args.strategies, args.seeds)
+            summarize(args.out, args.strategies, args.seeds, runs_from=args.runs_from)
             return 0
         jobs = plan(args, train_args)
     except (train_tiny.OptionError, ValueError) as e:

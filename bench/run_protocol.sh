@@ -19,7 +19,8 @@
 #
 # Arms (strategy:seed): full   uniform x3, speed x3, speed:k=2 x2, min_snr x2, p2 x2
 #                       small  the same with --subset 1336 (uniform x3, speed x3)
-#                       attrib speed:lam=none x2 (sampling alone), speed:k=1 x2 (weighting alone), speedit x2
+#                       attrib speed:lam=none x2 (sampling alone), speed:k=1 x2 (weighting alone), speedit x2;
+#                              summarized against the full arm's uniform runs (compare.py --runs-from, bench/README.md)
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
