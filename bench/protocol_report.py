@@ -65,8 +65,7 @@ def figure(summaries, path):
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    compare.save_plot(fig, path, dpi=100)
 
 
 def main():
