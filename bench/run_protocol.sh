@@ -15,7 +15,8 @@
 # Unpack each returned arm-*.tgz into the repository root and commit it; then, here:
 #   python bench/compare.py --strategies uniform,speed,... --seeds 0,1,2 --out bench/results/protocol/full --summarize
 #   python bench/protocol_report.py      (report.md and protocol.png, which the README copies)
-# (one STRATEGIES x SEEDS grid per call; arms with fewer seeds for some strategies take several calls)
+# (one STRATEGIES x SEEDS grid per script; two arms share a call on split GPUs, e.g. on x4:
+#   GPUS=0,1 ARM=small ... bash bench/run_protocol.sh > $OUT/small.log 2>&1 & GPUS=2,3 ARM=attrib ... bash bench/run_protocol.sh; wait)
 #
 # Arms (strategy:seed): full   uniform x3, speed x3, speed:k=2 x2, min_snr x2, p2 x2
 #                       small  the same with --subset 1336 (uniform x3, speed x3)
@@ -34,7 +35,7 @@ mkdir -p /tmp/protocol_keep/$ARM bench/results/protocol/$ARM && cp -r /tmp/proto
 # compare.py packs the runs on the GPUs, prepares the data and reference statistics once, and with --resume
 # skips runs already finished (their metrics committed under bench/results/protocol/$ARM)
 timeout -s TERM "${LIMIT_S:-550}" python3 bench/compare.py --strategies "${STRATEGIES:?e.g. uniform,speed}" --seeds "${SEEDS:?e.g. 0}" \
-    --out bench/results/protocol/$ARM --per-gpu "${PER_GPU:-1}" --resume -- \
+    --out bench/results/protocol/$ARM --per-gpu "${PER_GPU:-1}" ${GPUS:+--gpus "$GPUS"} --resume -- \
     --data .devdata/cifar10-train-jpeg75.zip --fid-model /tmp/devcache/inception-fid-fp16.pt --steps 20000 \
     --batch-size 128 --evals 10 --eval-samplers ddpm250,ddim25 --eval-samples 5000 --final-samples 10000 $EXTRA
 cp -r bench/results/protocol/$ARM/. /tmp/protocol_keep/$ARM/
