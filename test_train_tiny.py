@@ -459,7 +459,7 @@ def test_protocol_report_tables_each_arm_with_per_seed_speedups_and_best_points(
     speed_full = next(line for line in full_part.splitlines() if line.startswith("| speed |"))
     cells = [x.strip() for x in speed_full.strip("|").split("|")]
     assert cells[:3] == ["speed", "2", f"6.50 ± {2.5 * 2 ** 0.5:.2f}"]  # FID-10k mean ± std over the two seeds
-    assert cells[3] == "6.50"  # best of each seed's curve (4 and 9), averaged: not the last points (5 and 9)
+    assert cells[3] == "6.50 at 15"  # best of each seed's curve (4 at 20, 9 at 10), averaged: not the last points
     # uniform's mean curve 10, 8, 5 ends at 5; speed's mean 8.5, 6.5, 7 never reaches it; per seed: seed 0 reaches
     # uniform seed 0's 6 at 10 + 10 * 2 / 4 = 15 (30 / 15 = 2), seed 1 never reaches 4
     assert cells[4] == "not reached (2.00, not reached)"

@@ -4,7 +4,7 @@
 
 Each arm folder was written by bench/compare.py (bench/run_protocol.sh says how the arms were run). Writes
 bench/results/protocol/report.md (per arm: final FID-10k under both samplers, the best FID-5k along the
-curve, the speed-up per sampler on the mean curve and per seed) and protocol.png (FID vs steps, one row per
+curve and where it is, the speed-up per sampler on the mean curve and per seed) and protocol.png (FID vs steps, one row per
 arm, one column per sampler; mean over seeds, band from the best to the worst seed). The README's results
 section is copied from these two files.
 """
@@ -29,16 +29,18 @@ def fmt(x, d=2):
 def arm_table(s):
     """Markdown rows for one compare.json summary."""
     samplers = s["samplers"]
-    head = ["strategy", "seeds"] + [f"FID-10k {m}" for m in samplers] + [f"best FID-5k {m}" for m in samplers] + \
+    head = ["strategy", "seeds"] + [f"FID-10k {m}" for m in samplers] + [f"best FID-5k {m} at step" for m in samplers] + \
            [f"speed-up {m}: mean curve (per seed)" for m in samplers]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in s["rows"]:
         cells = [r["strategy"], str(len(r["seeds"]))]
         cells += [fmt(r[m]["final_mean"]) + (f" ± {fmt(r[m]['final_std'])}" if len(r["seeds"]) > 1 else "")
                   for m in samplers]
-        for m in samplers:  # best point of each seed's curve, then mean over seeds
-            best = [min(v) for v in s["curves"][m][r["strategy"]]["per_seed"].values()]
-            cells.append(fmt(sum(best) / len(best)) if best else "—")
+        for m in samplers:  # best point of each seed's curve and its step, then means over seeds
+            c = s["curves"][m][r["strategy"]]
+            best = [(min(v), c["steps"][v.index(min(v))]) for v in c["per_seed"].values()]
+            cells.append(f"{fmt(sum(f for f, _ in best) / len(best))} at {sum(st for _, st in best) / len(best):.0f}"
+                         if best else "—")
         for m in samplers:
             per = ", ".join("not reached" if v is None else f"{v:.2f}" for v in r[m]["speedup_per_seed"].values())
             mean = r[m]["speedup_mean_curve"]
@@ -83,7 +85,9 @@ def main():
     out = ["# The comparison (issue 10): Inception FID under DDPM-250 and DDIM-25", "",
            "Tiny UNet, 20,000 steps at batch 128, FID-5k at 10 evaluations (same sampler noise for every run), "
            "FID-10k at the end, against the training images' statistics. Speed-up: steps uniform needs to reach "
-           "its own last FID-5k ÷ steps the strategy needs (first crossing, interpolated).", ""]
+           "its own last FID-5k ÷ steps the strategy needs (first crossing, interpolated). Best FID-5k: the lowest "
+           "point of each seed's curve and its step, averaged over seeds (where a curve turns up again, as on small "
+           "data, the speed-up to the last point says less than the best point).", ""]
     for arm, s in summaries.items():
         out += [f"## {arm}: {ARMS[arm]} ({s['device']})", ""] + arm_table(s) + [""]
     with open(os.path.join(args.folder, "report.md"), "w") as f:
