@@ -21,6 +21,8 @@ ARMS = {"full": "CIFAR-10 (JPEG-75 copy), all 50,000 images",
         "small": "a class-balanced 1,336-image subset of it (FID against the subset)",
         "attrib": "all 50,000 images: which half of SpeeD does the work"}
 
+TITLES = {"full": "full data", "small": "small data (1,336 images)", "attrib": "attribution (full data)"}
+
 
 def fmt(x, d=2):
     return "—" if x is None else f"{x:.{d}f}"
@@ -60,7 +62,7 @@ def figure(summaries, path):
     for row, (arm, s) in zip(axes, summaries.items()):
         for ax, m in zip(row, samplers):
             compare.draw_curves(ax, s["curves"].get(m, {}))
-            ax.set(title=f"{arm} data, {m}", xlabel="training step (batch 128)", ylabel="FID-5k (Inception)",
+            ax.set(title=f"{TITLES[arm]}, {m}", xlabel="training step (batch 128)", ylabel="FID-5k (Inception)",
                    yscale="log")
             ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 30, 40 rather than 3x10^1
             ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
