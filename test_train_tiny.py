@@ -4,6 +4,7 @@ Runs use a small generated dataset (8x8 images) and the micro UNet, so each take
 tests of the real Inception network and the shared data skip where ../shared is absent. No test
 touches the network: downloads go to file:// URLs or are blocked.
 """
+import argparse
 import hashlib
 import io
 import json
@@ -327,6 +328,17 @@ def test_bad_options_as_subprocesses(tmp_path):
         out, err = p.communicate(timeout=60)
         assert p.returncode == 2 and out == "" and err.count("\n") == 1 and err.startswith(f"train_tiny: {c[0]} ")
     assert os.listdir(tmp_path) == []
+
+
+def test_h100_preset_is_the_quick_search_winner_as_measured(tmp_path):
+    import quick_search  # the default quick check must be exactly the configuration whose FID and wall were timed
+    (tmp_path / "d.zip").touch()
+    args = argparse.Namespace(work=str(tmp_path), data=str(tmp_path / "d.zip"), fid_model="none")
+    _, _, _, argv, _ = quick_search.job("tiny_b128_20k", 0, args)
+    measured, default = (vars(train_tiny.parse_args(a)) for a in (argv, argv[:argv.index("--evals")]))
+    assert measured == default and default["steps"] == 20000 and default["eval_samplers"] == "ddpm250"
+    old = vars(train_tiny.parse_args(quick_search.job("preset_18k_3evals", 0, args)[3]))
+    assert old["steps"] == 18000 and (old["evals"], old["final_samples"]) == (3, 10000)
 
 
 def test_cpu_default_says_what_runs_and_where_outputs_are(tmp_path, data, monkeypatch, capsys):

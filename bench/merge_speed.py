@@ -2,7 +2,7 @@
 
 Each call of bench/run_speed.sh wrote its own speed.json and multi_gpu_runs.jsonl (a call carries a
 limited time, so the parts were spread over calls 2-5 on one nvidia-h200-x2 lease). Later calls win.
-The quick-check fields stay null until a quick-check run has been measured.
+The sampler's time is bench_sampler.py's (sampler.jsonl), the quick check's bench/quick_search.py's.
 """
 import glob
 import json
@@ -11,6 +11,7 @@ import os
 from bench_speed import FWD_GFLOP, PEAK_BF16  # the same constants as the measurements
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+QUICK = "tiny_b128_20k"  # the candidate the h100 preset is (test_h100_preset_is_the_quick_search_winner_as_measured)
 
 out = dict(device=None, train_img_s_tiny_before=None, train_img_s_tiny=None, ddpm_tflops=None,
            ddpm_peak_fraction=None, sample_ddpm250_10k_s=None, frechet_2048_gpu_s=None, inception_img_s=None,
@@ -42,9 +43,27 @@ for d in sorted(glob.glob(os.path.join(HERE, "speed_call*"))):
 if "sample_ddpm250_10k_s_compiled_network" in raw:
     out["sample_ddpm250_10k_s_eager_network"] = out["sample_ddpm250_10k_s"]
     out["sample_ddpm250_10k_s"] = raw["sample_ddpm250_10k_s_compiled_network"]
+# the sampler as train_tiny's evaluation runs it: the EMA network channels-last (train() leaves it so), batch 2,500
+for line in open(os.path.join(HERE, "sampler.jsonl")):
+    r = json.loads(line)
+    if r["config"] == "cl:2500":
+        raw["sample_ddpm250_10k_s_graph_compiled_nchw"] = out["sample_ddpm250_10k_s"]
+        out["sample_ddpm250_10k_s"], sources["sample_ddpm250_10k_s"] = r["seconds"], "sampler.jsonl cl:2500"
+# the quick check: the h100 preset's configuration (quick_search.py's candidate tiny_b128_20k), every seed timed
+runs = [r for k, r in json.load(open(os.path.join(HERE, "quick_search.json"))).items() if k.startswith(QUICK + "_s")]
+if runs:
+    fids = [r["fid10k"] for r in runs]
+    mean = sum(fids) / len(fids)
+    out.update(quick_check_wall_s=sum(r["wall_s"] for r in runs) / len(runs), quick_check_fid10k=mean,
+               quick_check_fid10k_std=(sum((f - mean) ** 2 for f in fids) / (len(fids) - 1)) ** 0.5,
+               quick_check_sampler=runs[0]["sampler"], quick_check_seeds=len(runs),
+               quick_check_wall_s_max=max(r["wall_s"] for r in runs))
+    sources.update(dict.fromkeys(("quick_check_wall_s", "quick_check_fid10k", "quick_check_fid10k_std",
+                                  "quick_check_sampler"), f"quick_search.json {QUICK}"))
 out["sources"], out["raw"] = sources, raw
 out["note"] = ("train_img_s_tiny (speed_call3) and train_img_s_tiny_before (speed_call4) come from two calls on the "
-               "same machine a few minutes apart, not from one process; quick_check_* were not measured.")
+               "same machine a few minutes apart, not from one process. quick_check_*: mean over seeds of whole runs "
+               "from empty caches, four at once on one 4x H200 host (one per GPU).")
 with open(os.path.join(HERE, "speed.json"), "w") as f:
     json.dump(out, f, indent=1)
 print(json.dumps({k: v for k, v in out.items() if k != "raw"}, indent=1))
