@@ -9,6 +9,7 @@ import json
 import os
 
 from bench_speed import FWD_GFLOP, PEAK_BF16  # the same constants as the measurements
+from compare import mean_std
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QUICK = "tiny_b128_20k"  # the candidate the h100 preset is (test_h100_preset_is_the_quick_search_winner_as_measured)
@@ -52,11 +53,9 @@ for line in open(os.path.join(HERE, "sampler.jsonl")):
 # the quick check: the h100 preset's configuration (quick_search.py's candidate tiny_b128_20k), every seed timed
 runs = [r for k, r in json.load(open(os.path.join(HERE, "quick_search.json"))).items() if k.startswith(QUICK + "_s")]
 if runs:
-    fids = [r["fid10k"] for r in runs]
-    mean = sum(fids) / len(fids)
-    out.update(quick_check_wall_s=sum(r["wall_s"] for r in runs) / len(runs), quick_check_fid10k=mean,
-               quick_check_fid10k_std=(sum((f - mean) ** 2 for f in fids) / (len(fids) - 1)) ** 0.5,
-               quick_check_sampler=runs[0]["sampler"], quick_check_seeds=len(runs),
+    fid, std = mean_std([r["fid10k"] for r in runs])
+    out.update(quick_check_wall_s=mean_std([r["wall_s"] for r in runs])[0], quick_check_fid10k=fid,
+               quick_check_fid10k_std=std, quick_check_sampler=runs[0]["sampler"], quick_check_seeds=len(runs),
                quick_check_wall_s_max=max(r["wall_s"] for r in runs))
     sources.update(dict.fromkeys(("quick_check_wall_s", "quick_check_fid10k", "quick_check_fid10k_std",
                                   "quick_check_sampler"), f"quick_search.json {QUICK}"))

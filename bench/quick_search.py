@@ -98,9 +98,8 @@ def main():
         t = table.setdefault(re.sub(r"_s\d+$", "", key), dict(fid=[], wall=[]))
         t["fid"].append(r["fid10k"]), t["wall"].append(r["wall_s"])
     print(f"{'candidate':<22}{'seeds':>6}{'FID-10k mean ± std':>22}{'wall s (max)':>14}  within budget")
-    for name, t in sorted(table.items(), key=lambda kv: sum(kv[1]["fid"]) / len(kv[1]["fid"])):
-        n, mean = len(t["fid"]), sum(t["fid"]) / len(t["fid"])
-        std = (sum((x - mean) ** 2 for x in t["fid"]) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    for name, t in sorted(table.items(), key=lambda kv: compare.mean_std(kv[1]["fid"])[0]):
+        n, (mean, std) = len(t["fid"]), compare.mean_std(t["fid"])
         print(f"{name:<22}{n:>6}{f'{mean:.2f} ± {std:.2f}':>22}{max(t['wall']):>14.0f}  "
               f"{'yes' if max(t['wall']) <= args.budget_s else 'no'}")
 
