@@ -66,7 +66,7 @@ def profile_step(size, batch, compile=True):
 
 def sample_time(n=10000, steps=250, batch=2500, compile=False):
     torch.manual_seed(0)
-    model = speed.make_unet("tiny").cuda().eval()
+    model = speed.make_unet("tiny").cuda().eval().to(memory_format=torch.channels_last)  # as train() leaves it
     model = torch.compile(model) if compile else model
     sch = speed.make_schedule()
     g = torch.Generator(device="cuda")
@@ -163,6 +163,7 @@ def main():
         res["sample_ddpm250_10k_s"] = s
         raw["sample_graph_vs_eager_max_abs_diff_uint8"] = diff
         raw["sample_ddpm250_10k_s_compiled_network"] = sample_time(compile=True)[0]
+        raw["sample_channels_last"] = True  # weights and images (merge_speed.py then keeps this number)
         log(f"DDPM-250, 10k samples, tiny UNet: {s:.1f} s (compiled network: "
             f"{raw['sample_ddpm250_10k_s_compiled_network']:.1f} s); graphed vs eager max |diff| {diff} (uint8 levels)")
 

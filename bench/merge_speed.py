@@ -45,7 +45,7 @@ if "sample_ddpm250_10k_s_compiled_network" in raw:
     out["sample_ddpm250_10k_s_eager_network"] = out["sample_ddpm250_10k_s"]
     out["sample_ddpm250_10k_s"] = raw["sample_ddpm250_10k_s_compiled_network"]
 # the sampler as train_tiny's evaluation runs it: the EMA network channels-last (train() leaves it so), batch 2,500
-for line in open(os.path.join(HERE, "sampler.jsonl")):
+for line in open(os.path.join(HERE, "sampler.jsonl")) if not raw.get("sample_channels_last") else []:
     r = json.loads(line)
     if r["config"] == "cl:2500":
         raw["sample_ddpm250_10k_s_graph_compiled_nchw"] = out["sample_ddpm250_10k_s"]
