@@ -4,9 +4,9 @@
 
 Each arm folder was written by bench/compare.py (bench/run_protocol.sh says how the arms were run). Writes
 bench/results/protocol/report.md (per arm: final FID-10k under both samplers, the best FID-5k along the
-curve and where it is, the speed-up per sampler on the mean curve and per seed) and protocol.png (FID vs steps, one row per
-arm, one column per sampler; mean over seeds, band from the best to the worst seed). The README's results
-section is copied from these two files.
+curve and where it is, the speed-up per sampler on the mean curve and per seed) and protocol.png (FID vs
+steps, one row per arm, one column per sampler; mean over seeds, band from the best to the worst seed).
+The README's results section is copied from these two files.
 """
 import argparse
 import json
@@ -31,8 +31,8 @@ def fmt(x, d=2):
 def arm_table(s):
     """Markdown rows for one compare.json summary."""
     samplers = s["samplers"]
-    head = ["strategy", "seeds"] + [f"FID-10k {m}" for m in samplers] + [f"best FID-5k {m} at step" for m in samplers] + \
-           [f"speed-up {m}: mean curve (per seed)" for m in samplers]
+    head = ["strategy", "seeds"] + [f"FID-10k {m}" for m in samplers] + \
+           [f"best FID-5k {m} at step" for m in samplers] + [f"speed-up {m}: mean curve (per seed)" for m in samplers]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in s["rows"]:
         cells = [r["strategy"], str(len(r["seeds"]))]
