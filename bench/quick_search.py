@@ -8,8 +8,8 @@ user meets it: its own empty data cache (JPEG decoding, reference statistics) an
 cache, one evaluation at the end (FID of 10,000 samples, --evals 1 --eval-samples 10000 --final-samples 0;
 the candidate h100_preset instead runs the default exactly as a user gets it).
 Runs go one per GPU at a time (bench/compare.py's launcher); results merge into bench/results/quick_search.json
-(keyed by candidate and seed), so a cut-off search continues where it stopped (--resume skips what is there). The steps of each candidate aim
-at a 6-minute wall time from the throughputs in bench/results/speed.json; the wall times measured say whether
+(keyed by candidate and seed), so a cut-off search continues where it stopped (--resume skips what is there).
+The steps of each candidate aim at 350 s (the time model above CANDIDATES); the wall times measured say whether
 they did. Prints a table, best FID first, of the candidates within --budget-s.
 """
 import argparse
@@ -23,18 +23,22 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import compare  # noqa: E402
+# Steps aim at 350 s from the measured tiny_b128_20k runs (347 s, H200): wall ≈ 7 s start-up + 66 s data, reference
+# statistics and sampler compilation + 72 s compiling the step + the sampling (DDPM-250 of the tiny UNet 21 s; other
+# step counts and sizes scaled from it) + steps × batch / the steady rate in speed.json (tiny b128 14,041 img/s,
+# small b128 8,856; at b256 not measured: guessed 1.3× b128). That model gives 366 s for tiny_b128 (measured 369).
 CANDIDATES = {  # name: train_tiny options (the h100 preset: tiny UNet, lr 5e-4, warm-up 200, EMA 0.999, SpeeD)
     "h100_preset": "",  # the default as a user runs it: since 2026-11-28 the winner, tiny_b128_20k
-    "tiny_b128_20k": "--model tiny --batch-size 128 --steps 20000 --eval-samplers ddpm250",  # tiny_b128 took 369 s
-    "tiny_b128": "--model tiny --batch-size 128 --steps 22000 --eval-samplers ddpm250",
+    "tiny_b128_20k": "--model tiny --batch-size 128 --steps 20000 --eval-samplers ddpm250",
+    "tiny_b128": "--model tiny --batch-size 128 --steps 22000 --eval-samplers ddpm250",  # over: 369 s
     "preset_18k_3evals": "--steps 18000 --evals 3 --eval-samples 5000 --final-samples 10000",  # the preset before
-    "tiny_b128_ddim50": "--model tiny --batch-size 128 --steps 24000 --eval-samplers ddim50",
-    "tiny_b128_ema9995": "--model tiny --batch-size 128 --steps 22000 --ema-decay 0.9995 --eval-samplers ddpm250",
-    "tiny_b256": "--model tiny --batch-size 256 --steps 14000 --lr 8e-4 --eval-samplers ddpm250",
-    "small_b128": "--model small --batch-size 128 --steps 14000 --eval-samplers ddpm250",
-    "small_b128_ddpm100": "--model small --batch-size 128 --steps 15000 --eval-samplers ddpm100",
-    "small_b256": "--model small --batch-size 256 --steps 9000 --lr 8e-4 --eval-samplers ddpm250",
-    "small_b128_uniform": "--model small --batch-size 128 --steps 14000 --eval-samplers ddpm250 --strategy uniform",
+    "tiny_b128_ddim50": "--model tiny --batch-size 128 --steps 22000 --eval-samplers ddim50",
+    "tiny_b128_ema9995": "--model tiny --batch-size 128 --steps 20000 --ema-decay 0.9995 --eval-samplers ddpm250",
+    "tiny_b256": "--model tiny --batch-size 256 --steps 12000 --lr 8e-4 --eval-samplers ddpm250",
+    "small_b128": "--model small --batch-size 128 --steps 11000 --eval-samplers ddpm250",
+    "small_b128_ddpm100": "--model small --batch-size 128 --steps 12500 --eval-samplers ddpm100",
+    "small_b256": "--model small --batch-size 256 --steps 7000 --lr 8e-4 --eval-samplers ddpm250",
+    "small_b128_uniform": "--model small --batch-size 128 --steps 11000 --eval-samplers ddpm250 --strategy uniform",
 }
 
 
