@@ -480,6 +480,18 @@ def test_protocol_report_tables_each_arm_with_per_seed_speedups_and_best_points(
     assert (tmp_path / "protocol.png").stat().st_size > 0
 
 
+def test_profile_groups_kernels_by_kind():
+    import bench_speed  # the ddpm profile's breakdown (issue 11): fused Triton kernels are not counted as convolutions
+    kinds = {"void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>": "matmul/conv",
+             "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "matmul/conv",
+             "triton_tem_fused_mm_3": "matmul/conv",
+             "triton_poi_fused_convolution_backward_native_group_norm_7": "fused by torch.compile",
+             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>": "attention",
+             "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel_group_norm": "normalization",
+             "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "other"}
+    assert {name: bench_speed.kernel_kind(name) for name in kinds} == kinds
+
+
 def test_launch_packs_runs_per_gpu_and_reports_failures(tmp_path, monkeypatch):
     fake = tmp_path / "fake.py"
     fake.write_text("import json, os, sys, time\nd = sys.argv[sys.argv.index('--out') + 1]\ntime.sleep(0.3)\n"

@@ -43,8 +43,24 @@ def train_rate(mod, size, batch, steps, **kw):
     return r.history[-1]["img_per_s"]
 
 
+KINDS = (("matmul/conv", ("triton_tem", "gemm", "conv", "cutlass", "xmma", "cudnn", "nvjet", "wgrad", "dgrad")),
+         ("attention", ("flash", "fmha", "attention", "sdpa")),
+         ("fused by torch.compile", ("triton",)),
+         ("normalization", ("norm",)))
+
+
+def kernel_kind(name):
+    """The kind of a CUDA kernel from its name: the first kind of KINDS with a matching key, else 'other'. Triton
+    kernels that torch.compile fused count as fused even where their names mention a convolution they surround."""
+    low = name.lower()
+    if low.startswith("triton_") and not low.startswith("triton_tem"):
+        return "fused by torch.compile"
+    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
+
+
 def profile_step(size, batch, compile=True):
-    """GPU kernel time per step vs wall time per step for the graphed step (20 replays)."""
+    """GPU kernel time per step vs wall time per step for the graphed step (20 replays), kernel time by kind and the
+    eight longest kernels (ms per step)."""
     torch.manual_seed(0)
     model = speed.make_unet(size)
     sch = speed.make_schedule()
@@ -61,7 +77,14 @@ def profile_step(size, batch, compile=True):
     holder["prof"].__exit__(None, None, None)
     kernels = [e for e in holder["prof"].events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / 20
-    return dict(wall_ms=wall * 1e3, kernel_ms=busy * 1e3, kernels_per_step=len(kernels) / 20)
+    by_kind, by_name = {}, {}
+    for e in kernels:
+        ms = e.time_range.elapsed_us() / 1e3 / 20
+        by_kind[kernel_kind(e.name)] = by_kind.get(kernel_kind(e.name), 0.0) + ms
+        by_name[e.name[:100]] = by_name.get(e.name[:100], 0.0) + ms
+    top = dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:8])
+    return dict(wall_ms=wall * 1e3, kernel_ms=busy * 1e3, kernels_per_step=len(kernels) / 20, kernel_ms_by_kind=by_kind,
+                top_kernels_ms=top)
 
 
 def sample_time(n=10000, steps=250, batch=2500, compile=False):
@@ -121,7 +144,7 @@ def main():
     p.add_argument("--inception", required=True)
     p.add_argument("--before", default=None, help="the previous speed.py, for train_img_s_tiny_before")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speed.json"))
-    parts = ("train", "sizes", "profile", "sample", "fd", "inception", "before")
+    parts = ("train", "sizes", "profile", "profile_ddpm", "sample", "fd", "inception", "before")
     p.add_argument("--only", default=",".join(parts), help="comma-separated parts: " + ",".join(parts))
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -157,6 +180,10 @@ def main():
                 key = f"profile_{size}_b128" + ("_compiled" if compiled else "")
                 raw[key] = profile_step(size, 128, compile=compiled)
                 log(f"{key}: {raw[key]}")
+
+    def profile_ddpm_part():  # the ddpm UNet at its best measured batch: what keeps it from the card's peak
+        raw["profile_ddpm_b512_compiled"] = profile_step("ddpm", 512)
+        log(f"profile_ddpm_b512_compiled: {raw['profile_ddpm_b512_compiled']}")
 
     def sample_part():
         s, diff = sample_time()

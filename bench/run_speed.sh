@@ -10,7 +10,7 @@ OUT=${OUT:-bench/results}
 mkdir -p .devcache "$OUT" && cp .dev/inception-fid-fp16.pt .devcache/
 nvidia-smi -L | tee "$OUT/gpus.txt"
 # one GPU, each part in its own process (a failed CUDA-graph capture leaves a process unusable)
-for part in ${PARTS:-train sample inception fd sizes profile before}; do
+for part in ${PARTS:-train sample inception fd sizes profile profile_ddpm before}; do
   CUDA_VISIBLE_DEVICES=0 timeout 240 python3 bench/bench_speed.py --only $part --inception .dev/inception-fid-fp16.pt \
       --before .dev/speed_before.py --out "$OUT/speed.json"
 done 2>&1 | tee "$OUT/bench_speed.log"
