@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Device calls behind bench/results/speed.json and multi_gpu.json (nvidia-h200-x2):
 #   run(kind="nvidia-h200-x2", carry=[".dev"], command="bash bench/run_speed.sh")
+#   run(carry=[".dev"], command="PARTS='profile_ddpm sample' MULTI=none OUT=$OUT bash bench/run_speed.sh")  # a part
 # .dev holds inception-fid-fp16.pt (../shared/inception) and speed_before.py (git show 6b09aca:speed.py).
 # The Inception file is also copied to .devcache/, so a call issued while the machine is warm finds
 # it without carrying it (a call carries at most 64 MiB).
@@ -14,7 +15,8 @@ for part in ${PARTS:-train sample inception fd sizes profile profile_ddpm before
   CUDA_VISIBLE_DEVICES=0 timeout 240 python3 bench/bench_speed.py --only $part --inception .dev/inception-fid-fp16.pt \
       --before .dev/speed_before.py --out "$OUT/speed.json"
 done 2>&1 | tee "$OUT/bench_speed.log"
-# data-parallel scaling: 1 GPU vs 2 GPUs at the same global batch
+# data-parallel scaling: 1 GPU vs 2 GPUs at the same global batch (MULTI=none: skipped, e.g. on one GPU)
+[ "${MULTI:-}" = none ] && exit 0
 while read -r model batch steps flags; do
   CUDA_VISIBLE_DEVICES=0 timeout 200 python3 bench/bench_multi_gpu.py --model $model --batch $batch --steps $steps $flags --tag 1gpu --out-dir "$OUT"
   timeout 240 torchrun --standalone --nproc_per_node=2 bench/bench_multi_gpu.py --model $model --batch $batch --steps $steps $flags --tag 2gpu --out-dir "$OUT"
