@@ -341,6 +341,17 @@ def test_h100_preset_is_the_quick_search_winner_as_measured(tmp_path):
     assert old["steps"] == 18000 and (old["evals"], old["final_samples"]) == (3, 10000)
 
 
+def test_losses_are_logged_every_1000_steps_even_with_one_evaluation(tmp_path, data, monkeypatch):
+    seen = []  # the h100 preset evaluates once, at the end: the progress bar still shows the loss as it trains
+
+    def fake_train(*a, **k):
+        seen.append(k)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(speed, "train", fake_train)
+    assert train_tiny.main(_argv(data, tmp_path / "run", "--steps", "3000", "--evals", "1")) == 130
+    assert (seen[0]["log_every"], seen[0]["callback_every"]) == (1000, 3000)
+
+
 def test_cpu_default_says_what_runs_and_where_outputs_are(tmp_path, data, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert train_tiny.main(["--data", data["zip"], "--cache", data["cache"], "--quiet", "--batch-size", "2",

@@ -282,9 +282,10 @@ def run(args):
     try:
         result = speed.train(model, images, schedule, strategy, steps=args.steps, batch_size=args.batch_size,
                              lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, precision=args.precision,
-                             compile=compile, seed=args.seed, device=args.device, log_every=every, callback=evaluate,
-                             callback_every=every, ckpt_path=os.path.join(args.out, "ckpt.pt"), resume=args.resume,
-                             experiment=experiment, progress=not args.quiet)
+                             compile=compile, seed=args.seed, device=args.device, callback=evaluate,
+                             callback_every=every, log_every=min(every, 1000),  # the bar's loss: each 1k steps at least
+                             ckpt_path=os.path.join(args.out, "ckpt.pt"), resume=args.resume, experiment=experiment,
+                             progress=not args.quiet)
     except ValueError as e:  # a checkpoint of another experiment (or world_size), or options that do not fit the data
         why = " ".join(str(e).split()).replace("batch_size must", "--batch-size must")  # train()'s name -> the option
         raise OptionError(("--resume: " if "another experiment" in why else "") + why) from None
