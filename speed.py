@@ -783,8 +783,8 @@ def feature_stats(feats):
     """(mean, unbiased covariance) of features [N, D] in float64, on the features' device."""
     _check(torch.is_tensor(feats) and feats.ndim == 2 and feats.shape[0] >= 2, "feats must be a tensor [N >= 2, D]")
     f = feats.double()
-    mu = f.mean(0)
-    return mu, (f - mu).T @ (f - mu) / (len(f) - 1)
+    c = f - (mu := f.mean(0))  # centred once: [N, D] float64 is 0.8 GB for 50,000 Inception features
+    return mu, c.T @ c / (len(f) - 1)
 def sqrt_psd(s):
     """The symmetric square root of a positive semi-definite matrix (negative eigenvalues clipped)."""
     ev, vec = torch.linalg.eigh(s.double())
