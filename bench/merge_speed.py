@@ -48,7 +48,6 @@ if "sample_ddpm250_10k_s_compiled_network" in raw:
 for line in open(os.path.join(HERE, "sampler.jsonl")) if not raw.get("sample_channels_last") else []:
     r = json.loads(line)
     if r["config"] == "cl:2500":
-        raw["sample_ddpm250_10k_s_graph_compiled_nchw"] = out["sample_ddpm250_10k_s"]
         out["sample_ddpm250_10k_s"], sources["sample_ddpm250_10k_s"] = r["seconds"], "sampler.jsonl cl:2500"
 # the quick check: the h100 preset's configuration (quick_search.py's candidate tiny_b128_20k), every seed timed
 runs = [r for k, r in json.load(open(os.path.join(HERE, "quick_search.json"))).items() if k.startswith(QUICK + "_s")]
