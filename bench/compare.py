@@ -61,6 +61,13 @@ def steps_to_levels(curves, base, levels):
                     is not None else None) for lv in levels] for spec in curves}
 
 
+def best_point(curve):
+    """(quality, step) of the lowest point of each seed's curve {"steps", "per_seed"}, both averaged over seeds; None
+    without seeds. Where curves turn up again (small data) this says more than the last point."""
+    best = [(min(v), curve["steps"][v.index(min(v))]) for v in curve["per_seed"].values()]
+    return (sum(f for f, _ in best) / len(best), sum(st for _, st in best) / len(best)) if best else None
+
+
 def mean_std(xs):
     xs = [x for x in xs if x is not None]
     if not xs:

@@ -39,10 +39,8 @@ def arm_table(s):
         cells += [fmt(r[m]["final_mean"]) + (f" ± {fmt(r[m]['final_std'])}" if len(r["seeds"]) > 1 else "")
                   for m in samplers]
         for m in samplers:  # best point of each seed's curve and its step, then means over seeds
-            c = s["curves"][m][r["strategy"]]
-            best = [(min(v), c["steps"][v.index(min(v))]) for v in c["per_seed"].values()]
-            cells.append(f"{fmt(sum(f for f, _ in best) / len(best))} at {sum(st for _, st in best) / len(best):.0f}"
-                         if best else "—")
+            best = compare.best_point(s["curves"][m][r["strategy"]])
+            cells.append(f"{fmt(best[0])} at {best[1]:.0f}" if best else "—")
         for m in samplers:
             per = ", ".join("not reached" if v is None else f"{v:.2f}" for v in r[m]["speedup_per_seed"].values())
             mean = r[m]["speedup_mean_curve"]
