@@ -413,12 +413,18 @@ def _fake_run(out, spec, seed, evals, final=None, finished=True):
         json.dump(m, f)
 
 
+def _curve(*fds):  # an evaluation curve [[step, quality], ...] at steps 10, 20, ...
+    return [[10 * (i + 1), f] for i, f in enumerate(fds)]
+
+
 def test_summary_per_sampler_per_seed_and_mean_curve(tmp_path):
-    c = lambda *fds: [[10 * (i + 1), f] for i, f in enumerate(fds)]  # noqa: E731
-    _fake_run(tmp_path, "uniform", 0, dict(ddpm=c(10, 8, 6, 4), ddim=c(12, 10, 9, 8)), final=dict(ddpm=3.5, ddim=7.5))
-    _fake_run(tmp_path, "uniform", 1, dict(ddpm=c(10, 8, 6, 6), ddim=c(12, 10, 9, 8)), final=dict(ddpm=3.9, ddim=7.9))
-    _fake_run(tmp_path, "speed", 0, dict(ddpm=c(8, 4, 3, 2), ddim=c(12, 11, 10, 9)), final=dict(ddpm=1.5, ddim=8.5))
-    _fake_run(tmp_path, "speed", 1, dict(ddpm=c(9, 5, 4), ddim=c(12, 11, 10)), finished=False)  # stopped at step 30
+    _fake_run(tmp_path, "uniform", 0, dict(ddpm=_curve(10, 8, 6, 4), ddim=_curve(12, 10, 9, 8)),
+              final=dict(ddpm=3.5, ddim=7.5))
+    _fake_run(tmp_path, "uniform", 1, dict(ddpm=_curve(10, 8, 6, 6), ddim=_curve(12, 10, 9, 8)),
+              final=dict(ddpm=3.9, ddim=7.9))
+    _fake_run(tmp_path, "speed", 0, dict(ddpm=_curve(8, 4, 3, 2), ddim=_curve(12, 11, 10, 9)),
+              final=dict(ddpm=1.5, ddim=8.5))
+    _fake_run(tmp_path, "speed", 1, dict(ddpm=_curve(9, 5, 4), ddim=_curve(12, 11, 10)), finished=False)  # at step 30
     s = compare.summarize(str(tmp_path), ["uniform", "speed"], [0, 1], quiet=True)
     assert s["samplers"] == ["ddpm", "ddim"] and s["curves"]["ddpm"]["uniform"]["steps"] == [10, 20, 30]
     uni, sp = s["rows"]
@@ -439,12 +445,11 @@ def test_summary_per_sampler_per_seed_and_mean_curve(tmp_path):
 
 
 def test_summary_reads_missing_runs_from_another_arm(tmp_path, capsys):
-    c = lambda *fds: [[10 * (i + 1), f] for i, f in enumerate(fds)]  # noqa: E731
     full, attrib = tmp_path / "full", tmp_path / "attrib"
-    _fake_run(full, "uniform", 0, dict(ddpm=c(10, 8, 6, 4)))
-    _fake_run(attrib, "uniform", 0, dict(ddpm=c(10, 8, 6, 2)))     # another arm's own uniform run wins
-    _fake_run(full, "uniform", 1, dict(ddpm=c(10, 8, 6, 4)))
-    _fake_run(attrib, "speed:k=1", 0, dict(ddpm=c(8, 4, 3, 2)))
+    _fake_run(full, "uniform", 0, dict(ddpm=_curve(10, 8, 6, 4)))
+    _fake_run(attrib, "uniform", 0, dict(ddpm=_curve(10, 8, 6, 2)))     # another arm's own uniform run wins
+    _fake_run(full, "uniform", 1, dict(ddpm=_curve(10, 8, 6, 4)))
+    _fake_run(attrib, "speed:k=1", 0, dict(ddpm=_curve(8, 4, 3, 2)))
     argv = ["--strategies", "uniform,speed:k=1", "--seeds", "0,1", "--out", str(attrib)]
     assert compare.main(argv + ["--summarize", "--runs-from", str(full)]) == 0
     s = json.loads((attrib / "compare.json").read_text())
@@ -465,14 +470,13 @@ def test_no_speedup_from_fewer_than_three_evaluations(tmp_path):
 
 def test_protocol_report_tables_each_arm_with_per_seed_speedups_and_best_points(tmp_path, monkeypatch):
     import protocol_report
-    c = lambda *fds: [[10 * (i + 1), f] for i, f in enumerate(fds)]  # noqa: E731
     full, small = tmp_path / "full", tmp_path / "small"
-    _fake_run(full, "uniform", 0, dict(ddpm=c(10, 8, 6)), final=dict(ddpm=5.5))
-    _fake_run(full, "uniform", 1, dict(ddpm=c(10, 8, 4)), final=dict(ddpm=4.5))
-    _fake_run(full, "speed", 0, dict(ddpm=c(8, 4, 5)), final=dict(ddpm=4.0))  # best point 4 at step 20, not the last
-    _fake_run(full, "speed", 1, dict(ddpm=c(9, 9, 9)), final=dict(ddpm=9.0))  # never reaches its baseline's 4
-    _fake_run(small, "uniform", 0, dict(ddpm=c(20, 18, 16)), final=dict(ddpm=15.0))
-    _fake_run(small, "speed", 0, dict(ddpm=c(20, 16, 15)), final=dict(ddpm=14.0))
+    _fake_run(full, "uniform", 0, dict(ddpm=_curve(10, 8, 6)), final=dict(ddpm=5.5))
+    _fake_run(full, "uniform", 1, dict(ddpm=_curve(10, 8, 4)), final=dict(ddpm=4.5))
+    _fake_run(full, "speed", 0, dict(ddpm=_curve(8, 4, 5)), final=dict(ddpm=4.0))  # best point 4 at 20, not the last
+    _fake_run(full, "speed", 1, dict(ddpm=_curve(9, 9, 9)), final=dict(ddpm=9.0))  # never reaches its baseline's 4
+    _fake_run(small, "uniform", 0, dict(ddpm=_curve(20, 18, 16)), final=dict(ddpm=15.0))
+    _fake_run(small, "speed", 0, dict(ddpm=_curve(20, 16, 15)), final=dict(ddpm=14.0))
     compare.summarize(str(full), ["uniform", "speed"], [0, 1], quiet=True)
     compare.summarize(str(small), ["uniform", "speed"], [0], quiet=True)
     monkeypatch.setattr(sys, "argv", ["protocol_report.py", "--folder", str(tmp_path)])
