@@ -387,6 +387,23 @@ def test_evaluations_per_sampler_with_a_feature_net(tmp_path, data):
     assert json.loads((sub / "metrics.json").read_text())["data"]["images"] == 6
 
 
+
+def test_metrics_say_where_the_time_went(tmp_path, data, monkeypatch):
+    real = train_tiny.fd_of_samples  # each FD takes 0.1 s longer: 2 evaluations x 2 samplers, then a final of 2
+
+    def slow(*a):
+        time.sleep(0.1)
+        return real(*a)
+    monkeypatch.setattr(train_tiny, "fd_of_samples", slow)
+    out = tmp_path / "run"
+    assert train_tiny.main(_argv(data, out, "--steps", "2", "--evals", "2", "--fid-model", _script(
+        FakeGeneric(), tmp_path / "fdnet.pt"), "--eval-samplers", "ddpm3,ddim2", "--eval-samples", "4",
+        "--final-samples", "4")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    secs = m["seconds"]
+    assert secs["evals"] >= 0.4 and 0.2 <= secs["final"] < secs["evals"] and secs["setup"] > 0
+    assert sum(secs.values()) <= m["wall_s"]
+
 # ---- bench/compare.py: speed-ups, summary, launching ---------------------------------------------
 
 def test_steps_to_reach_interpolates_the_first_crossing():

@@ -223,11 +223,11 @@ def setup(args, metric=True):
     mu, sigma = reference_stats(net, images, ref)
     return images, data, net, (mu, sigma, speed.sqrt_psd(sigma))
 
-def write_metrics(args, result, data, t0, final=None):
+def write_metrics(args, result, data, t0, final=None, seconds=None):
     """metrics.json once finished (final given), else metrics.partial.json: FD curves per sampler, the rest."""
     m = dict(strategy=args.strategy, strategy_config=result.strategy.config, seed=args.seed, preset=args.preset,
              metric=args.metric, evals=result.extra.get("evals", {}), final=final, final_samples=args.final_samples,
-             steps=result.step, planned_steps=args.steps, finished=final is not None, wall_s=time.time() - t0,
+             steps=result.step, planned_steps=args.steps, finished=final is not None, wall_s=time.time() - t0, seconds=seconds,
              device=torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu", data=data,
              config={k: str(v) if k == "device" else v for k, v in vars(args).items()}, history=result.history)
     path, partial = os.path.join(args.out, "metrics.json"), os.path.join(args.out, "metrics.partial.json")
@@ -248,6 +248,7 @@ def run(args):
     world > 1 and rank > 0 and dist.barrier()
     images, data, net, ref = setup(args, metric=rank == 0)
     world > 1 and rank == 0 and dist.barrier()
+    secs = dict(setup=time.time() - t0, evals=0.0)  # where this call's time goes (training and compiling: the rest)
     # strategy, samplers, the model (its initial weights a pure function of --seed), the experiment's identity
     schedule = speed.make_schedule(args.schedule)
     strategy, samplers = make_strategy(args.strategy, schedule), parse_samplers(args.eval_samplers, schedule.T)
@@ -273,10 +274,12 @@ def run(args):
         return {s: fd_of_samples(net, draw(fast(ema), sampler, n), ref) for s, sampler in samplers.items() if net and n}
 
     def evaluate(result):  # train() calls it every `every` steps and at the end: FDs into result.extra, metrics
+        t = time.time()
         for s, fd in fds(result.ema, args.eval_samples).items():
             result.extra.setdefault("evals", {}).setdefault(s, []).append([result.step, fd])
             print(f"\n[{args.strategy} seed {args.seed}] step {result.step}: {args.metric} {s} {fd:.3f}", flush=True)
-        write_metrics(args, result, data, t0)
+        secs["evals"] += time.time() - t
+        write_metrics(args, result, data, t0, seconds=secs)
 
     os.makedirs(args.out, exist_ok=True)
     try:
@@ -292,12 +295,14 @@ def run(args):
     if rank > 0:
         return 130 if result.interrupted else 0
     if result.interrupted:
-        write_metrics(args, result, data, t0)
+        write_metrics(args, result, data, t0, seconds=secs)
         print(f"interrupted at step {result.step}; continue with --resume", file=sys.stderr)
         return 130
+    t = time.time()
     final = fds(result.ema, args.final_samples)
     save_grid(draw(result.ema, next(iter(samplers.values())), 64, seed=0), os.path.join(args.out, "samples.png"))
-    m = write_metrics(args, result, data, t0, final)
+    secs["final"] = time.time() - t
+    m = write_metrics(args, result, data, t0, final, secs)
     if not m["evals"]:
         print(f"train_tiny: training loss {result.history[-1]['loss']:.4f} after {result.step} steps (no FD: "
               f"--fid-model none)")
