@@ -299,7 +299,7 @@ BAD = [(["--strategy", "speed:k=0"], "--strategy speed:k=0: k "), (["--strategy"
        (["--strategy", "speed:k"], "key=value"), (["--fid-model", "/etc/passwd"], "--fid-model /etc/passwd: "),
        (["--fid-model", "missing.pt"], "no such file"), (["--device", "cuda:99"], "--device cuda:99: "),
        (["--steps", "0"], "--steps"), (["--batch-size", "-1"], "--batch-size"), (["--lr", "0"], "--lr"),
-       (["--ema-decay", "1"], "--ema-decay"), (["--eval-samplers", "ddpm250,ddim0"], "--eval-samplers"),
+       (["--ema-decay", "1"], "--ema-decay"), (["--dropout", "1"], "--dropout"), (["--eval-samplers", "ddpm250,ddim0"], "--eval-samplers"),
        (["--data", "nowhere.zip"], "--data nowhere.zip"), (["--resume"], "--resume: no checkpoint"),
        (["--preset", "big"], "--preset"), (["--bogus"], "unrecognized")]
 
@@ -360,6 +360,15 @@ def test_cpu_default_says_what_runs_and_where_outputs_are(tmp_path, data, monkey
     assert lines[0].startswith("train_tiny: preset cpu: a smoke run") and "noise" in lines[0]
     assert lines[-1] == f"train_tiny: outputs in {os.path.join('runs', 'speed')} (metrics.json, samples.png, ckpt.pt)"
 
+
+def test_dropout_option_sets_every_dropout_of_the_unet(tmp_path, data, monkeypatch):
+    seen, real = [], speed.train
+    monkeypatch.setattr(speed, "train", lambda model, *a, **k: seen.append(model) or real(model, *a, **k))
+    for p in ("0.3", None):
+        assert train_tiny.main(_argv(data, tmp_path / str(p), "--steps", "1", "--model", "tiny",
+                                     *(["--dropout", p] if p else []))) == 0
+    rates = [{m.p for m in model.modules() if isinstance(m, nn.Dropout)} for model in seen]
+    assert rates == [{0.3}, {speed.UNET_SIZES["tiny"]["dropout"]}]
 
 def test_h100_preset_compiles_unless_no_compile(tmp_path, data, monkeypatch):
     parse = lambda *a: train_tiny.parse_args(["--fid-model", "none", "--out", str(tmp_path), *a])  # noqa: E731

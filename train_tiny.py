@@ -252,7 +252,8 @@ def run(args):
     # strategy, samplers, the model (its initial weights a pure function of --seed), the experiment's identity
     schedule = speed.make_schedule(args.schedule)
     strategy, samplers = make_strategy(args.strategy, schedule), parse_samplers(args.eval_samplers, schedule.T)
-    arch = {**(MICRO if args.model == "micro" else speed.UNET_SIZES[args.model]), "img_res": images.shape[-1]}
+    arch = {**(MICRO if args.model == "micro" else speed.UNET_SIZES[args.model]), "img_res": images.shape[-1],
+            **({} if args.dropout is None else {"dropout": args.dropout})}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         model = speed.UNet(**arch)
@@ -383,6 +384,8 @@ def parse_args(argv=None):
     add("--model", choices=["micro", *speed.UNET_SIZES], help="UNet size")
     add("--steps", type=pos, help="training steps")
     add("--evals", type=pos, help="evaluations during training")
+    add("--dropout", type=_arg(float, lambda v: 0 <= v < 1, "a number in [0, 1)"), help="UNet dropout (default: the "
+        "size's, 0.1)")
     add("--batch-size", type=pos, help="images per step (under torchrun: over all processes)")
     add("--eval-samples", type=pos, help="samples per evaluation")
     add("--final-samples", type=count, help="samples of a final evaluation (0: none)")

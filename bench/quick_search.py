@@ -32,6 +32,8 @@ CANDIDATES = {  # name: train_tiny options (the h100 preset: tiny UNet, lr 5e-4,
     "tiny_b128_20k": "--model tiny --batch-size 128 --steps 20000 --eval-samplers ddpm250",
     "tiny_b128": "--model tiny --batch-size 128 --steps 22000 --eval-samplers ddpm250",  # over: 369 s
     "preset_18k_3evals": "--steps 18000 --evals 3 --eval-samples 5000 --final-samples 10000",  # the preset before
+    "tiny_b128_20k_drop0": "--model tiny --batch-size 128 --steps 20000 --dropout 0 --eval-samplers ddpm250",
+    "small_b128_drop0": "--model small --batch-size 128 --steps 11000 --dropout 0 --eval-samplers ddpm250",
     "tiny_b128_ddim50": "--model tiny --batch-size 128 --steps 22000 --eval-samplers ddim50",
     "tiny_b128_ema9995": "--model tiny --batch-size 128 --steps 20000 --ema-decay 0.9995 --eval-samplers ddpm250",
     "tiny_b256": "--model tiny --batch-size 256 --steps 12000 --lr 8e-4 --eval-samplers ddpm250",
