@@ -61,7 +61,8 @@ def result(name, out, wall):
     (sampler, curve), = m["evals"].items()
     fid10k = m["final"][sampler] if m["final"] else curve[-1][1]  # the preset's final FID-10k, else the one eval
     return dict(wall_s=wall, fid10k=fid10k, metric=m["metric"], sampler=sampler, steps=m["steps"],
-                options=CANDIDATES[name], device=m["device"], img_per_s=m["history"][-1]["img_per_s"])
+                options=CANDIDATES[name], device=m["device"], img_per_s=m["history"][-1]["img_per_s"],
+                seconds=m.get("seconds"))  # in-process: setup (data, reference statistics), evals, final
 
 
 def main():
