@@ -5,6 +5,7 @@ tests of the real Inception network and the shared data skip where ../shared is 
 touches the network: downloads go to file:// URLs or are blocked.
 """
 import argparse
+import glob
 import hashlib
 import io
 import json
@@ -334,12 +335,29 @@ def test_h100_preset_is_the_quick_search_winner_as_measured(tmp_path):
     import quick_search  # the default quick check must be exactly the configuration whose FID and wall were timed
     (tmp_path / "d.zip").touch()
     args = argparse.Namespace(work=str(tmp_path), data=str(tmp_path / "d.zip"), fid_model="none")
-    _, _, _, argv, _ = quick_search.job("tiny_b128_20k", 0, args)
+    _, _, _, argv, _ = quick_search.job("small_b128_drop0", 0, args)
     measured, default = (vars(train_tiny.parse_args(a)) for a in (argv, argv[:argv.index("--evals")]))
-    assert measured == default and default["steps"] == 20000 and default["eval_samplers"] == "ddpm250"
+    assert measured == default and (default["model"], default["steps"], default["dropout"]) == ("small", 11000, 0)
+    assert default["eval_samplers"] == "ddpm250"
     old = vars(train_tiny.parse_args(quick_search.job("preset_18k_3evals", 0, args)[3]))
     assert old["steps"] == 18000 and (old["evals"], old["final_samples"]) == (3, 10000)
 
+
+def test_quick_search_candidates_still_mean_what_was_measured(tmp_path):
+    import quick_search  # a candidate's options sit on top of the preset: a new preset must not change a measured run
+    args = argparse.Namespace(work=str(tmp_path), data=str(tmp_path / "d.zip"), fid_model="none")
+    (tmp_path / "d.zip").touch()
+    runs = sorted(glob.glob(os.path.join(os.path.dirname(TRAIN_TINY), "bench", "results", "quick_search", "*_s*",
+                                         "metrics.json")))
+    assert len(runs) >= 8
+    for path in runs:
+        name, seed = os.path.basename(os.path.dirname(path)).rsplit("_s", 1)
+        ran, now = json.load(open(path))["config"], vars(train_tiny.parse_args(quick_search.job(name, 0, args)[3]))
+        for k in ("model", "steps", "batch_size", "lr", "warmup", "ema_decay", "strategy", "evals", "eval_samples",
+                  "final_samples", "eval_samplers", "schedule", "precision", "compile"):
+            assert now[k] == ran[k], (name, k)
+        rate = lambda d: speed.UNET_SIZES[ran["model"]]["dropout"] if d is None else d  # noqa: E731 (None: size's)
+        assert rate(now["dropout"]) == rate(ran.get("dropout")), (name, "dropout")  # runs before --dropout: None
 
 def test_losses_are_logged_every_1000_steps_even_with_one_evaluation(tmp_path, data, monkeypatch):
     seen = []  # the h100 preset evaluates once, at the end: the progress bar still shows the loss as it trains

@@ -3,6 +3,7 @@
 Each call of bench/run_speed.sh wrote its own speed.json and multi_gpu_runs.jsonl (a call carries a
 limited time, so the parts were spread over calls 2-5 on one nvidia-h200-x2 lease). Later calls win.
 The sampler's time is bench_sampler.py's (sampler.jsonl), the quick check's bench/quick_search.py's.
+A call on another card (speed_h100/) becomes its own section of the file, never mixed into the top level.
 """
 import glob
 import json
@@ -12,7 +13,7 @@ from bench_speed import FWD_GFLOP, PEAK_BF16  # the same constants as the measur
 from compare import mean_std
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-QUICK = "tiny_b128_20k"  # the candidate the h100 preset is (test_h100_preset_is_the_quick_search_winner_as_measured)
+QUICK = "small_b128_drop0"  # the candidate the h100 preset is (test_h100_preset_is_the_quick_search_winner_as_measured)
 
 out = dict(device=None, train_img_s_tiny_before=None, train_img_s_tiny=None, ddpm_tflops=None,
            ddpm_peak_fraction=None, sample_ddpm250_10k_s=None, frechet_2048_gpu_s=None, inception_img_s=None,
@@ -49,7 +50,7 @@ for line in open(os.path.join(HERE, "sampler.jsonl")) if not raw.get("sample_cha
     r = json.loads(line)
     if r["config"] == "cl:2500":
         out["sample_ddpm250_10k_s"], sources["sample_ddpm250_10k_s"] = r["seconds"], "sampler.jsonl cl:2500"
-# the quick check: the h100 preset's configuration (quick_search.py's candidate tiny_b128_20k), every seed timed
+# the quick check: the h100 preset's configuration (quick_search.py's candidate small_b128_drop0), every seed timed
 runs = [r for k, r in json.load(open(os.path.join(HERE, "quick_search.json"))).items() if k.startswith(QUICK + "_s")]
 if runs:
     fid, std = mean_std([r["fid10k"] for r in runs])
@@ -58,10 +59,24 @@ if runs:
                quick_check_wall_s_max=max(r["wall_s"] for r in runs))
     sources.update(dict.fromkeys(("quick_check_wall_s", "quick_check_fid10k", "quick_check_fid10k_std",
                                   "quick_check_sampler"), f"quick_search.json {QUICK}"))
+    out["quick_check_device"] = runs[0]["device"]
+# another card's call (bench/results/speed_h100: the ddpm profile and the sampler on an H100) as its own section
+for d in sorted(glob.glob(os.path.join(HERE, "speed_h1*"))):
+    s = json.load(open(os.path.join(d, "speed.json")))
+    r = s.pop("raw", {})
+    sec = out[os.path.basename(d).split("_", 1)[1]] = dict(device=s["device"], torch=s["torch"], **r)
+    if "sample_ddpm250_10k_s_compiled_network" in r:  # as train_tiny samples: compiled, channels-last weights
+        sec["sample_ddpm250_10k_s"], sec["sample_ddpm250_10k_s_graph_only"] = (
+            r["sample_ddpm250_10k_s_compiled_network"], s["sample_ddpm250_10k_s"])
+        del sec["sample_ddpm250_10k_s_compiled_network"]
+    if "profile_ddpm_b512_compiled" in r:  # the profiled steps' rate (the profiler's overhead included)
+        tf = 3 * FWD_GFLOP["ddpm"] * 1e9 * 512 / (r["profile_ddpm_b512_compiled"]["wall_ms"] / 1e3) / 1e12
+        sec.update(ddpm_tflops_b512_profiled=tf, ddpm_peak_fraction_profiled=tf * 1e12 / PEAK_BF16)
 out["sources"], out["raw"] = sources, raw
-out["note"] = ("train_img_s_tiny (speed_call3) and train_img_s_tiny_before (speed_call4) come from two calls on the "
-               "same machine a few minutes apart, not from one process. quick_check_*: mean over seeds of whole runs "
-               "from empty caches, four at once on one 4x H200 host (one per GPU).")
+out["note"] = ("device: the card of the throughput numbers; quick_check_device: the card of the quick check; the h100 "
+               "section: one call on an H100. train_img_s_tiny (speed_call3) and train_img_s_tiny_before (speed_call4) "
+               "come from two calls on the same machine a few minutes apart, not from one process. quick_check_*: "
+               "mean over seeds of whole runs from empty caches, one run on the card.")
 with open(os.path.join(HERE, "speed.json"), "w") as f:
     json.dump(out, f, indent=1)
 print(json.dumps({k: v for k, v in out.items() if k != "raw"}, indent=1))
