@@ -58,24 +58,30 @@ def kernel_kind(name):
     return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
 
 
-def profile_step(size, batch, compile=True):
+def profile_step(size, batch, compile=True, graph=True, device="cuda"):
     """GPU kernel time per step vs wall time per step for the graphed step (20 replays), kernel time by kind and the
-    eight longest kernels (ms per step)."""
+    eight longest kernels (ms per step). graph=False: the same step launched op by op, so that each kernel has the op
+    that launched it: then also the eight ops with the most device time, with their input shapes (top_ops_ms)."""
     torch.manual_seed(0)
     model = speed.make_unet(size)
     sch = speed.make_schedule()
     holder = {}
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
 
     def cb(r):
-        holder["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        holder["prof"] = torch.profiler.profile(activities=acts if not graph else acts[1:], record_shapes=not graph)
         holder["prof"].__enter__()
         holder["t0"] = time.perf_counter()
-    speed.train(model, images(), sch, speed.make_strategy("speed", sch), steps=50, batch_size=batch, progress=False, compile=compile,
-                device="cuda", callback=lambda r: cb(r) if r.step == 30 else None, callback_every=1, log_every=1000)
-    torch.cuda.synchronize()
+    speed.train(model, images(), sch, speed.make_strategy("speed", sch), steps=50, batch_size=batch, progress=False,
+                compile=compile, graph=graph, device=device, callback=lambda r: cb(r) if r.step == 30 else None,
+                callback_every=1, log_every=1000)
+    device == "cuda" and torch.cuda.synchronize()
     wall = (time.perf_counter() - holder["t0"]) / 20
     holder["prof"].__exit__(None, None, None)
     kernels = [e for e in holder["prof"].events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ops = {}  # graph=False: (op, input shapes) -> device ms per step, from the op's own kernels
+    for a in holder["prof"].key_averages(group_by_input_shape=True) if not graph else []:
+        ops[f"{a.key} {a.input_shapes}"[:160]] = getattr(a, "self_device_time_total", 0) / 1e3 / 20
     busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / 20
     by_kind, by_name = {}, {}
     for e in kernels:
@@ -84,7 +90,8 @@ def profile_step(size, batch, compile=True):
         by_name[e.name[:100]] = by_name.get(e.name[:100], 0.0) + ms
     top = dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:8])
     return dict(wall_ms=wall * 1e3, kernel_ms=busy * 1e3, kernels_per_step=len(kernels) / 20, kernel_ms_by_kind=by_kind,
-                top_kernels_ms=top)
+                top_kernels_ms=top, **({"top_ops_ms": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:8])}
+                                       if not graph else {}))
 
 
 def sample_time(n=10000, steps=250, batch=2500, compile=False):
@@ -144,7 +151,7 @@ def main():
     p.add_argument("--inception", required=True)
     p.add_argument("--before", default=None, help="the previous speed.py, for train_img_s_tiny_before")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speed.json"))
-    parts = ("train", "sizes", "profile", "profile_ddpm", "sample", "fd", "inception", "before")
+    parts = ("train", "sizes", "profile", "profile_ddpm", "ops_ddpm", "sample", "fd", "inception", "before")
     p.add_argument("--only", default=",".join(parts), help="comma-separated parts: " + ",".join(parts))
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -184,6 +191,10 @@ def main():
     def profile_ddpm_part():  # the ddpm UNet at its best measured batch: what keeps it from the card's peak
         raw["profile_ddpm_b512_compiled"] = profile_step("ddpm", 512)
         log(f"profile_ddpm_b512_compiled: {raw['profile_ddpm_b512_compiled']}")
+
+    def ops_ddpm_part():  # the same step op by op: which op launches the 19.7 ms of plain copies (H100 profile)
+        raw["profile_ddpm_b512_compiled_ops"] = profile_step("ddpm", 512, graph=False)
+        log(f"profile_ddpm_b512_compiled_ops: {raw['profile_ddpm_b512_compiled_ops']}")
 
     def sample_part():
         s, diff = sample_time()
