@@ -359,6 +359,25 @@ def test_quick_search_candidates_still_mean_what_was_measured(tmp_path):
         rate = lambda d: speed.UNET_SIZES[ran["model"]]["dropout"] if d is None else d  # noqa: E731 (None: size's)
         assert rate(now["dropout"]) == rate(ran.get("dropout")), (name, "dropout")  # runs before --dropout: None
 
+def test_protocol_script_still_means_what_its_committed_runs_ran(tmp_path):
+    # run_protocol.sh passes options on top of the h100 preset: a preset change must not change the protocol
+    text = open(os.path.join(os.path.dirname(TRAIN_TINY), "bench", "run_protocol.sh")).read().replace("\\\n", " ")
+    options = text.split("--resume -- ", 1)[1].split("$EXTRA", 1)[0].split()
+    options[options.index("--data") + 1] = str(tmp_path / "d.zip")
+    options[options.index("--fid-model") + 1] = "none"
+    (tmp_path / "d.zip").touch()
+    now = vars(train_tiny.parse_args(["--preset", "h100", *options]))  # the default on the GPU they ran on
+    runs = glob.glob(os.path.join(os.path.dirname(TRAIN_TINY), "bench", "results", "protocol", "*", "*_s*",
+                                  "metrics.json"))
+    assert len(runs) >= 20
+    for path in runs:
+        ran = json.load(open(path))["config"]
+        assert ran["preset"] == "h100"
+        for k in ("model", "steps", "batch_size", "lr", "warmup", "ema_decay", "evals", "eval_samples",
+                  "final_samples", "eval_samplers", "schedule", "precision", "compile"):
+            assert now[k] == ran[k], (path, k)
+        assert now["dropout"] == (ran["dropout"] if ran.get("dropout") is not None else 0.1), path
+
 def test_losses_are_logged_every_1000_steps_even_with_one_evaluation(tmp_path, data, monkeypatch):
     seen = []  # the h100 preset evaluates once, at the end: the progress bar still shows the loss as it trains
 
