@@ -300,7 +300,8 @@ BAD = [(["--strategy", "speed:k=0"], "--strategy speed:k=0: k "), (["--strategy"
        (["--strategy", "speed:k"], "key=value"), (["--fid-model", "/etc/passwd"], "--fid-model /etc/passwd: "),
        (["--fid-model", "missing.pt"], "no such file"), (["--device", "cuda:99"], "--device cuda:99: "),
        (["--steps", "0"], "--steps"), (["--batch-size", "-1"], "--batch-size"), (["--lr", "0"], "--lr"),
-       (["--ema-decay", "1"], "--ema-decay"), (["--dropout", "1"], "--dropout"), (["--eval-samplers", "ddpm250,ddim0"], "--eval-samplers"),
+       (["--ema-decay", "1"], "--ema-decay"), (["--dropout", "1"], "--dropout"),
+       (["--eval-samplers", "ddpm250,ddim0"], "--eval-samplers"),
        (["--data", "nowhere.zip"], "--data nowhere.zip"), (["--resume"], "--resume: no checkpoint"),
        (["--preset", "big"], "--preset"), (["--bogus"], "unrecognized")]
 
@@ -343,6 +344,10 @@ def test_h100_preset_is_the_quick_search_winner_as_measured(tmp_path):
     assert old["steps"] == 18000 and (old["evals"], old["final_samples"]) == (3, 10000)
 
 
+RUN_OPTIONS = ("model", "steps", "batch_size", "lr", "warmup", "ema_decay", "evals", "eval_samples", "final_samples",
+               "eval_samplers", "schedule", "precision", "compile")  # what a committed run's config must still say
+
+
 def test_quick_search_candidates_still_mean_what_was_measured(tmp_path):
     import quick_search  # a candidate's options sit on top of the preset: a new preset must not change a measured run
     args = argparse.Namespace(work=str(tmp_path), data=str(tmp_path / "d.zip"), fid_model="none")
@@ -351,13 +356,13 @@ def test_quick_search_candidates_still_mean_what_was_measured(tmp_path):
                                          "metrics.json")))
     assert len(runs) >= 8
     for path in runs:
-        name, seed = os.path.basename(os.path.dirname(path)).rsplit("_s", 1)
+        name = os.path.basename(os.path.dirname(path)).rsplit("_s", 1)[0]
         ran, now = json.load(open(path))["config"], vars(train_tiny.parse_args(quick_search.job(name, 0, args)[3]))
-        for k in ("model", "steps", "batch_size", "lr", "warmup", "ema_decay", "strategy", "evals", "eval_samples",
-                  "final_samples", "eval_samplers", "schedule", "precision", "compile"):
+        for k in ("strategy", *RUN_OPTIONS):
             assert now[k] == ran[k], (name, k)
         rate = lambda d: speed.UNET_SIZES[ran["model"]]["dropout"] if d is None else d  # noqa: E731 (None: size's)
         assert rate(now["dropout"]) == rate(ran.get("dropout")), (name, "dropout")  # runs before --dropout: None
+
 
 def test_protocol_script_still_means_what_its_committed_runs_ran(tmp_path):
     # run_protocol.sh passes options on top of the h100 preset: a preset change must not change the protocol
@@ -373,8 +378,7 @@ def test_protocol_script_still_means_what_its_committed_runs_ran(tmp_path):
     for path in runs:
         ran = json.load(open(path))["config"]
         assert ran["preset"] == "h100"
-        for k in ("model", "steps", "batch_size", "lr", "warmup", "ema_decay", "evals", "eval_samples",
-                  "final_samples", "eval_samplers", "schedule", "precision", "compile"):
+        for k in RUN_OPTIONS:
             assert now[k] == ran[k], (path, k)
         assert now["dropout"] == (ran["dropout"] if ran.get("dropout") is not None else 0.1), path
 
@@ -407,6 +411,7 @@ def test_dropout_option_sets_every_dropout_of_the_unet(tmp_path, data, monkeypat
     rates = [{m.p for m in model.modules() if isinstance(m, nn.Dropout)} for model in seen]
     assert rates == [{0.3}, {speed.UNET_SIZES["tiny"]["dropout"]}]
 
+
 def test_h100_preset_compiles_unless_no_compile(tmp_path, data, monkeypatch):
     parse = lambda *a: train_tiny.parse_args(["--fid-model", "none", "--out", str(tmp_path), *a])  # noqa: E731
     assert parse("--preset", "h100").compile and not parse("--preset", "h100", "--no-compile").compile
@@ -433,7 +438,6 @@ def test_evaluations_per_sampler_with_a_feature_net(tmp_path, data):
     assert json.loads((sub / "metrics.json").read_text())["data"]["images"] == 6
 
 
-
 def test_metrics_say_where_the_time_went(tmp_path, data, monkeypatch):
     real = train_tiny.fd_of_samples  # each FD takes 0.1 s longer: 2 evaluations x 2 samplers, then a final of 2
 
@@ -449,6 +453,7 @@ def test_metrics_say_where_the_time_went(tmp_path, data, monkeypatch):
     secs = m["seconds"]
     assert secs["evals"] >= 0.4 and 0.2 <= secs["final"] < secs["evals"] and secs["setup"] > 0
     assert sum(secs.values()) <= m["wall_s"]
+
 
 # ---- bench/compare.py: speed-ups, summary, launching ---------------------------------------------
 

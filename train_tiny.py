@@ -227,7 +227,8 @@ def write_metrics(args, result, data, t0, final=None, seconds=None):
     """metrics.json once finished (final given), else metrics.partial.json: FD curves per sampler, the rest."""
     m = dict(strategy=args.strategy, strategy_config=result.strategy.config, seed=args.seed, preset=args.preset,
              metric=args.metric, evals=result.extra.get("evals", {}), final=final, final_samples=args.final_samples,
-             steps=result.step, planned_steps=args.steps, finished=final is not None, wall_s=time.time() - t0, seconds=seconds,
+             steps=result.step, planned_steps=args.steps, finished=final is not None, wall_s=time.time() - t0,
+             seconds=seconds,
              device=torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu", data=data,
              config={k: str(v) if k == "device" else v for k, v in vars(args).items()}, history=result.history)
     path, partial = os.path.join(args.out, "metrics.json"), os.path.join(args.out, "metrics.partial.json")
@@ -382,10 +383,10 @@ def parse_args(argv=None):
     add("--limit", type=pos, help="use only the first N images")
     add("--subset", type=pos, help="train on a fixed class-balanced N-image subset (FD against it)")
     add("--model", choices=["micro", *speed.UNET_SIZES], help="UNet size")
-    add("--steps", type=pos, help="training steps")
-    add("--evals", type=pos, help="evaluations during training")
     add("--dropout", type=_arg(float, lambda v: 0 <= v < 1, "a number in [0, 1)"), help="UNet dropout (default: the "
         "size's, 0.1)")
+    add("--steps", type=pos, help="training steps")
+    add("--evals", type=pos, help="evaluations during training")
     add("--batch-size", type=pos, help="images per step (under torchrun: over all processes)")
     add("--eval-samples", type=pos, help="samples per evaluation")
     add("--final-samples", type=count, help="samples of a final evaluation (0: none)")
