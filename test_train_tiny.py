@@ -344,8 +344,14 @@ def test_h100_preset_is_the_quick_search_winner_as_measured(tmp_path):
     assert old["steps"] == 18000 and (old["evals"], old["final_samples"]) == (3, 10000)
 
 
-RUN_OPTIONS = ("model", "steps", "batch_size", "lr", "warmup", "ema_decay", "evals", "eval_samples", "final_samples",
-               "eval_samplers", "schedule", "precision", "compile")  # what a committed run's config must still say
+def _assert_same_run(now, ran, where):
+    """Parsed options `now` train what a committed run's recorded config `ran` trained (runs from before --dropout
+    recorded None: the size's dropout)."""
+    for k in ("strategy", "model", "steps", "batch_size", "lr", "warmup", "ema_decay", "evals", "eval_samples",
+              "final_samples", "eval_samplers", "schedule", "precision", "compile"):
+        assert now[k] == ran[k], (where, k)
+    rate = lambda d: speed.UNET_SIZES[ran["model"]]["dropout"] if d is None else d  # noqa: E731
+    assert rate(now["dropout"]) == rate(ran.get("dropout")), (where, "dropout")
 
 
 def test_quick_search_candidates_still_mean_what_was_measured(tmp_path):
@@ -358,10 +364,7 @@ def test_quick_search_candidates_still_mean_what_was_measured(tmp_path):
     for path in runs:
         name = os.path.basename(os.path.dirname(path)).rsplit("_s", 1)[0]
         ran, now = json.load(open(path))["config"], vars(train_tiny.parse_args(quick_search.job(name, 0, args)[3]))
-        for k in ("strategy", *RUN_OPTIONS):
-            assert now[k] == ran[k], (name, k)
-        rate = lambda d: speed.UNET_SIZES[ran["model"]]["dropout"] if d is None else d  # noqa: E731 (None: size's)
-        assert rate(now["dropout"]) == rate(ran.get("dropout")), (name, "dropout")  # runs before --dropout: None
+        _assert_same_run(now, ran, name)
 
 
 def test_protocol_script_still_means_what_its_committed_runs_ran(tmp_path):
@@ -371,16 +374,14 @@ def test_protocol_script_still_means_what_its_committed_runs_ran(tmp_path):
     options[options.index("--data") + 1] = str(tmp_path / "d.zip")
     options[options.index("--fid-model") + 1] = "none"
     (tmp_path / "d.zip").touch()
-    now = vars(train_tiny.parse_args(["--preset", "h100", *options]))  # the default on the GPU they ran on
+    now = vars(train_tiny.parse_args(["--preset", "h100", *options]))  # h100: the default on their GPU
     runs = glob.glob(os.path.join(os.path.dirname(TRAIN_TINY), "bench", "results", "protocol", "*", "*_s*",
                                   "metrics.json"))
     assert len(runs) >= 20
     for path in runs:
         ran = json.load(open(path))["config"]
         assert ran["preset"] == "h100"
-        for k in RUN_OPTIONS:
-            assert now[k] == ran[k], (path, k)
-        assert now["dropout"] == (ran["dropout"] if ran.get("dropout") is not None else 0.1), path
+        _assert_same_run({**now, "strategy": ran["strategy"]}, ran, path)  # compare.py sets each run's strategy
 
 def test_losses_are_logged_every_1000_steps_even_with_one_evaluation(tmp_path, data, monkeypatch):
     seen = []  # the h100 preset evaluates once, at the end: the progress bar still shows the loss as it trains

@@ -66,10 +66,11 @@ def profile_step(size, batch, compile=True, graph=True, device="cuda"):
     model = speed.make_unet(size)
     sch = speed.make_schedule()
     holder = {}
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+    acts = ([] if graph else [torch.profiler.ProfilerActivity.CPU]) + (  # CPU ops: what launched each kernel
+        [torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
 
     def cb(r):
-        holder["prof"] = torch.profiler.profile(activities=acts if not graph else acts[1:], record_shapes=not graph)
+        holder["prof"] = torch.profiler.profile(activities=acts, record_shapes=not graph)
         holder["prof"].__enter__()
         holder["t0"] = time.perf_counter()
     speed.train(model, images(), sch, speed.make_strategy("speed", sch), steps=50, batch_size=batch, progress=False,
