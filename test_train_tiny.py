@@ -576,6 +576,20 @@ def test_profile_groups_kernels_by_kind():
     assert {name: bench_speed.kernel_kind(name) for name in kinds} == kinds
 
 
+def test_profile_table_counts_kernels_not_compiled_graph_ranges():
+    import bench_speed  # op-by-op profiles also hold '## Call CompiledFxGraph' ranges spanning the graph's kernels
+    from types import SimpleNamespace as NS
+    cuda, cpu = bench_speed.torch.autograd.DeviceType.CUDA, bench_speed.torch.autograd.DeviceType.CPU
+
+    def ev(name, us, device=cuda):
+        return NS(name=name, device_type=device, time_range=NS(elapsed_us=lambda: us))
+    events = [ev("## Call CompiledFxGraph fabc ##", 900.0), ev("sm90_xmma_fprop_implicit_gemm", 300.0),
+              ev("triton_poi_fused_add_3", 200.0), ev("triton_poi_fused_add_3", 100.0), ev("aten::copy_", 50.0, cpu)]
+    by_kind, by_name, per_step = bench_speed.kernel_table(NS(events=lambda: events), steps=2)
+    assert by_kind == pytest.approx({"matmul/conv": 0.15, "fused by torch.compile": 0.15}) and per_step == 1.5
+    assert by_name["triton_poi_fused_add_3"] == pytest.approx(0.15)
+
+
 def test_launch_packs_runs_per_gpu_and_reports_failures(tmp_path, monkeypatch):
     fake = tmp_path / "fake.py"
     fake.write_text("import json, os, sys, time\nd = sys.argv[sys.argv.index('--out') + 1]\ntime.sleep(0.3)\n"

@@ -58,6 +58,19 @@ def kernel_kind(name):
     return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
 
 
+def kernel_table(prof, steps):
+    """(ms per step by kind, ms per step by kernel name, kernels per step) of a profile's CUDA kernels. The GPU ranges
+    that torch.compile annotates ('## Call CompiledFxGraph ... ##', the span of a compiled graph's kernels) are not
+    kernels: counting them would count their kernels twice."""
+    by_kind, by_name, n = {}, {}, 0
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("## "):
+            ms, n = e.time_range.elapsed_us() / 1e3 / steps, n + 1
+            by_kind[kernel_kind(e.name)] = by_kind.get(kernel_kind(e.name), 0.0) + ms
+            by_name[e.name[:100]] = by_name.get(e.name[:100], 0.0) + ms
+    return by_kind, by_name, n / steps
+
+
 def profile_step(size, batch, compile=True, graph=True, device="cuda"):
     """GPU kernel time per step vs wall time per step for the graphed step (20 replays), kernel time by kind and the
     eight longest kernels (ms per step). graph=False: the same step launched op by op, so that each kernel has the op
@@ -79,20 +92,13 @@ def profile_step(size, batch, compile=True, graph=True, device="cuda"):
     device == "cuda" and torch.cuda.synchronize()
     wall = (time.perf_counter() - holder["t0"]) / 20
     holder["prof"].__exit__(None, None, None)
-    kernels = [e for e in holder["prof"].events() if e.device_type == torch.autograd.DeviceType.CUDA]
     ops = {}  # graph=False: (op, input shapes) -> device ms per step, from the op's own kernels
     for a in holder["prof"].key_averages(group_by_input_shape=True) if not graph else []:
         ops[f"{a.key} {a.input_shapes}"[:160]] = getattr(a, "self_device_time_total", 0) / 1e3 / 20
-    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / 20
-    by_kind, by_name = {}, {}
-    for e in kernels:
-        ms = e.time_range.elapsed_us() / 1e3 / 20
-        by_kind[kernel_kind(e.name)] = by_kind.get(kernel_kind(e.name), 0.0) + ms
-        by_name[e.name[:100]] = by_name.get(e.name[:100], 0.0) + ms
-    top = dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:8])
-    return dict(wall_ms=wall * 1e3, kernel_ms=busy * 1e3, kernels_per_step=len(kernels) / 20, kernel_ms_by_kind=by_kind,
-                top_kernels_ms=top, **({"top_ops_ms": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:8])}
-                                       if not graph else {}))
+    by_kind, by_name, per_step = kernel_table(holder["prof"], 20)
+    top, top_ops = (dict(sorted(d.items(), key=lambda kv: -kv[1])[:8]) for d in (by_name, ops))
+    return dict(wall_ms=wall * 1e3, kernel_ms=sum(by_kind.values()), kernels_per_step=per_step,
+                kernel_ms_by_kind=by_kind, top_kernels_ms=top, **({"top_ops_ms": top_ops} if not graph else {}))
 
 
 def sample_time(n=10000, steps=250, batch=2500, compile=False):
@@ -133,14 +139,9 @@ def profile_sample(batch=2500, steps=50, device="cuda"):
     wall = (time.perf_counter() - t) / steps
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         sample(False)
-    by_kind, by_name, n = {}, {}, 0
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            ms, n = e.time_range.elapsed_us() / 1e3 / steps, n + 1
-            by_kind[kernel_kind(e.name)] = by_kind.get(kernel_kind(e.name), 0.0) + ms
-            by_name[e.name[:100]] = by_name.get(e.name[:100], 0.0) + ms
+    by_kind, by_name, per_step = kernel_table(prof, steps)
     return dict(batch=batch, wall_ms_per_step=wall * 1e3, kernel_ms_per_step=sum(by_kind.values()),
-                kernels_per_step=n / steps, kernel_ms_by_kind=by_kind, tflops=FWD_GFLOP["tiny"] * batch / wall / 1e3,
+                kernels_per_step=per_step, kernel_ms_by_kind=by_kind, tflops=FWD_GFLOP["tiny"] * batch / wall / 1e3,
                 top_kernels_ms=dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:8]))
 
 
@@ -180,7 +181,8 @@ def main():
     p.add_argument("--inception", required=True)
     p.add_argument("--before", default=None, help="the previous speed.py, for train_img_s_tiny_before")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speed.json"))
-    parts = ("train", "sizes", "profile", "profile_ddpm", "ops_ddpm", "sample", "profile_sample", "fd", "inception", "before")
+    parts = ("train", "sizes", "profile", "profile_ddpm", "ops_ddpm", "sample", "profile_sample", "fd", "inception",
+             "before")
     p.add_argument("--only", default=",".join(parts), help="comma-separated parts: " + ",".join(parts))
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
