@@ -60,7 +60,7 @@ if runs:
     sources.update(dict.fromkeys(("quick_check_wall_s", "quick_check_fid10k", "quick_check_fid10k_std",
                                   "quick_check_sampler"), f"quick_search.json {QUICK}"))
     out["quick_check_device"] = runs[0]["device"]
-# another card's call (bench/results/speed_h100: the ddpm profile and the sampler on an H100) as its own section
+# another card's calls (bench/results/speed_h100: the profiles and the sampler on an H100) as their own section
 for d in sorted(glob.glob(os.path.join(HERE, "speed_h1*"))):
     s = json.load(open(os.path.join(d, "speed.json")))
     r = s.pop("raw", {})
@@ -74,9 +74,9 @@ for d in sorted(glob.glob(os.path.join(HERE, "speed_h1*"))):
         sec.update(ddpm_tflops_b512_profiled=tf, ddpm_peak_fraction_profiled=tf * 1e12 / PEAK_BF16)
 out["sources"], out["raw"] = sources, raw
 out["note"] = ("device: the card of the throughput numbers; quick_check_device: the card of the quick check; the h100 "
-               "section: one call on an H100. train_img_s_tiny (speed_call3) and train_img_s_tiny_before (speed_call4) "
-               "come from two calls on the same machine a few minutes apart, not from one process. quick_check_*: "
-               "mean over seeds of whole runs from empty caches, one run on the card.")
+               "section: calls on two leases of one H100 each (speed_h100/). train_img_s_tiny (speed_call3) and "
+               "train_img_s_tiny_before (speed_call4) come from two calls on the same machine a few minutes apart, not "
+               "from one process. quick_check_*: mean over seeds of whole runs from empty caches, one run on the card.")
 with open(os.path.join(HERE, "speed.json"), "w") as f:
     json.dump(out, f, indent=1)
 print(json.dumps({k: v for k, v in out.items() if k != "raw"}, indent=1))
