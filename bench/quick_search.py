@@ -36,13 +36,13 @@ CANDIDATES = {  # name: train_tiny options on top of the h100 preset (lr 5e-4, w
                          "--final-samples 10000",  # the preset until 2026-11-28
     "tiny_b128_20k_drop0": "--model tiny --batch-size 128 --steps 20000 --dropout 0 --eval-samplers ddpm250",
     "small_b128_drop0": "--model small --batch-size 128 --steps 11000 --dropout 0 --eval-samplers ddpm250",
-    # not run yet: dropout's share, SpeeD's share, the leftover seconds, cheaper samplers, lr, EMA, batch
+    "small_b128_lr1e3": "--model small --dropout 0 --batch-size 128 --steps 11000 --lr 1e-3 --eval-samplers ddpm250",
+    # not run yet: dropout's share, SpeeD's share, the leftover seconds, cheaper samplers, EMA, batch
     "small_b128": "--model small --dropout 0.1 --batch-size 128 --steps 11000 --eval-samplers ddpm250",
     "small_b128_uniform": "--model small --batch-size 128 --steps 11000 --eval-samplers ddpm250 --strategy uniform",
     "small_b128_12k": "--model small --batch-size 128 --steps 12000 --eval-samplers ddpm250",
     "small_b128_ddpm100": "--model small --batch-size 128 --steps 14000 --eval-samplers ddpm100",
     "small_b128_ddim50": "--model small --batch-size 128 --steps 13500 --eval-samplers ddim50",
-    "small_b128_lr1e3": "--model small --batch-size 128 --steps 11000 --lr 1e-3 --eval-samplers ddpm250",
     "small_b128_ema9995": "--model small --batch-size 128 --steps 11000 --ema-decay 0.9995 --eval-samplers ddpm250",
     "small_b256": "--model small --batch-size 256 --steps 7500 --lr 8e-4 --eval-samplers ddpm250",
 }
