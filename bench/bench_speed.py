@@ -32,10 +32,11 @@ def images(n=16384):
     return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
-def train_rate(mod, size, batch, steps, **kw):
-    """img/s over the last half of `steps` training steps of `mod.train` (speed or the previous file)."""
+def train_rate(mod, size, batch, steps, arch=None, **kw):
+    """img/s over the last half of `steps` training steps of `mod.train` (speed or the previous file); arch: overrides
+    of the size's UNet options."""
     torch.manual_seed(0)
-    model = mod.make_unet(size)
+    model = mod.make_unet(size, **(arch or {}))
     sch = mod.make_schedule()
     r = mod.train(model, images(), sch, mod.make_strategy("speed", sch), steps=steps, batch_size=batch,
                   log_every=steps // 2, progress=False, device="cuda", **kw)
@@ -181,8 +182,8 @@ def main():
     p.add_argument("--inception", required=True)
     p.add_argument("--before", default=None, help="the previous speed.py, for train_img_s_tiny_before")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speed.json"))
-    parts = ("train", "sizes", "profile", "profile_ddpm", "ops_ddpm", "sample", "profile_sample", "fd", "inception",
-             "before")
+    parts = ("train", "sizes", "small_b256", "profile", "profile_ddpm", "ops_ddpm", "sample", "profile_sample", "fd",
+             "inception", "before")
     p.add_argument("--only", default=",".join(parts), help="comma-separated parts: " + ",".join(parts))
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -211,6 +212,11 @@ def main():
         best = max((k for k in raw if k.startswith("tflops_ddpm")), key=lambda k: raw[k])
         res.update(ddpm_tflops=raw[best], ddpm_tflops_batch=int(best.rsplit("_b", 1)[1]),
                    ddpm_peak_fraction=raw[best] * 1e12 / PEAK_BF16, ddpm_tflops_b128=raw["tflops_ddpm_b128"])
+
+    def small_b256_part():  # quick_search's time model guessed 1.3x the batch-128 rate: the h100 preset's UNet at 256
+        raw["train_img_s_small_drop0_b256"] = r = train_rate(speed, "small", 256, 1000, arch=dict(dropout=0.0),
+                                                             compile=True)
+        log(f"small (dropout 0) batch 256: {r:.0f} img/s")
 
     def profile_part():  # kernel time vs wall time per step
         for size in ("tiny",):
