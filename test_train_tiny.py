@@ -383,6 +383,7 @@ def test_protocol_script_still_means_what_its_committed_runs_ran(tmp_path):
         assert ran["preset"] == "h100"
         _assert_same_run({**now, "strategy": ran["strategy"]}, ran, path)  # compare.py sets each run's strategy
 
+
 def test_losses_are_logged_every_1000_steps_even_with_one_evaluation(tmp_path, data, monkeypatch):
     seen = []  # the h100 preset evaluates once, at the end: the progress bar still shows the loss as it trains
 

@@ -384,7 +384,7 @@ def parse_args(argv=None):
     add("--subset", type=pos, help="train on a fixed class-balanced N-image subset (FD against it)")
     add("--model", choices=["micro", *speed.UNET_SIZES], help="UNet size")
     add("--dropout", type=_arg(float, lambda v: 0 <= v < 1, "a number in [0, 1)"), help="UNet dropout (default: the "
-        "size's, 0.1)")
+        "preset's, h100: 0; else the size's, 0.1, micro: 0)")
     add("--steps", type=pos, help="training steps")
     add("--evals", type=pos, help="evaluations during training")
     add("--batch-size", type=pos, help="images per step (under torchrun: over all processes)")
