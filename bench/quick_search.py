@@ -44,7 +44,7 @@ CANDIDATES = {  # name: train_tiny options on top of the h100 preset (lr 5e-4, w
     "small_b128_ddpm100": "--model small --batch-size 128 --steps 14000 --eval-samplers ddpm100",
     "small_b128_ddim50": "--model small --batch-size 128 --steps 13500 --eval-samplers ddim50",
     "small_b128_ema9995": "--model small --batch-size 128 --steps 11000 --ema-decay 0.9995 --eval-samplers ddpm250",
-    "small_b256": "--model small --batch-size 256 --steps 7500 --lr 8e-4 --eval-samplers ddpm250",
+    "small_b256": "--model small --batch-size 256 --steps 7500 --lr 7e-4 --eval-samplers ddpm250",
 }
 
 
