@@ -182,7 +182,7 @@ def main():
     p.add_argument("--inception", required=True)
     p.add_argument("--before", default=None, help="the previous speed.py, for train_img_s_tiny_before")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speed.json"))
-    parts = ("train", "sizes", "small_b256", "profile", "profile_ddpm", "ops_ddpm", "sample", "profile_sample", "fd",
+    parts = ("train", "sizes", "small_batches", "profile", "profile_ddpm", "ops_ddpm", "sample", "profile_sample", "fd",
              "inception", "before")
     p.add_argument("--only", default=",".join(parts), help="comma-separated parts: " + ",".join(parts))
     args = p.parse_args()
@@ -213,10 +213,11 @@ def main():
         res.update(ddpm_tflops=raw[best], ddpm_tflops_batch=int(best.rsplit("_b", 1)[1]),
                    ddpm_peak_fraction=raw[best] * 1e12 / PEAK_BF16, ddpm_tflops_b128=raw["tflops_ddpm_b128"])
 
-    def small_b256_part():  # quick_search's time model guessed 1.3x the batch-128 rate: the h100 preset's UNet at 256
-        raw["train_img_s_small_drop0_b256"] = r = train_rate(speed, "small", 256, 1000, arch=dict(dropout=0.0),
-                                                             compile=True)
-        log(f"small (dropout 0) batch 256: {r:.0f} img/s")
+    def small_batches_part():  # the h100 preset's UNet (dropout 0) at its batch and at 512: where the rate saturates
+        for batch in (256, 512):
+            raw[f"train_img_s_small_drop0_b{batch}"] = r = train_rate(speed, "small", batch, 1000 * 256 // batch,
+                                                                      arch=dict(dropout=0.0), compile=True)
+            log(f"small (dropout 0) batch {batch}: {r:.0f} img/s")
 
     def profile_part():  # kernel time vs wall time per step
         for size in ("tiny",):

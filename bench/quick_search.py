@@ -23,28 +23,31 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import compare  # noqa: E402
-# Steps aim at 350 s on an H100 from the measured runs (small_b128_drop0: 331 s): wall ≈ 7 s start-up + 20 s data and
-# reference statistics + 68 s compiling the step + steps × batch / the steady rate (H100: small b128 8,930 img/s, tiny
-# 14,150; b256 not measured, guessed 1.3× b128) + the evaluation: 32 s (sampler compilation, Inception, FD) + the
-# sampling (small UNet DDPM-250 ≈ 44 s, tiny 23 s; other step counts scaled by steps) + 3 s samples and checkpoint.
-CANDIDATES = {  # name: train_tiny options on top of the h100 preset (lr 5e-4, warm-up 200, EMA 0.999, SpeeD)
-    "h100_preset": "",  # the default as a user runs it: since 2026-12-07 the winner, small_b128_drop0
+# Steps aim at 350 s on an H100 from the measured runs (small_b256: 344 s): wall ≈ 7 s start-up + 20 s data and
+# reference statistics + 68 s compiling the step + steps × batch / the steady rate (H100: small b256 10,580 img/s,
+# b128 8,930, tiny b128 14,150; b512 not measured, guessed 1.1× b256) + the evaluation: 32 s (sampler compilation,
+# Inception, FD) + the sampling (small UNet DDPM-250 ≈ 44 s, tiny 23 s; other step counts scaled by steps) + 3 s
+# samples and checkpoint. Options the preset has changed since (batch 128 → 256, lr 5e-4 → 7e-4) are pinned.
+CANDIDATES = {  # name: train_tiny options on top of the h100 preset (warm-up 200, EMA 0.999, SpeeD)
+    "h100_preset": "",  # the default as a user runs it: since 2026-12-07 the winner, small_b256
     # measured (bench/results/quick_search.json)
-    "tiny_b128_20k": "--model tiny --dropout 0.1 --batch-size 128 --steps 20000 --eval-samplers ddpm250",
-    "tiny_b128": "--model tiny --dropout 0.1 --batch-size 128 --steps 22000 --eval-samplers ddpm250",  # over: 369 s
-    "preset_18k_3evals": "--model tiny --dropout 0.1 --steps 18000 --evals 3 --eval-samples 5000 "
-                         "--final-samples 10000",  # the preset until 2026-11-28
-    "tiny_b128_20k_drop0": "--model tiny --batch-size 128 --steps 20000 --dropout 0 --eval-samplers ddpm250",
-    "small_b128_drop0": "--model small --batch-size 128 --steps 11000 --dropout 0 --eval-samplers ddpm250",
-    "small_b128_lr1e3": "--model small --dropout 0 --batch-size 128 --steps 11000 --lr 1e-3 --eval-samplers ddpm250",
-    # not run yet: dropout's share, SpeeD's share, the leftover seconds, cheaper samplers, EMA, batch
-    "small_b128": "--model small --dropout 0.1 --batch-size 128 --steps 11000 --eval-samplers ddpm250",
-    "small_b128_uniform": "--model small --batch-size 128 --steps 11000 --eval-samplers ddpm250 --strategy uniform",
-    "small_b128_12k": "--model small --batch-size 128 --steps 12000 --eval-samplers ddpm250",
-    "small_b128_ddpm100": "--model small --batch-size 128 --steps 14000 --eval-samplers ddpm100",
-    "small_b128_ddim50": "--model small --batch-size 128 --steps 13500 --eval-samplers ddim50",
-    "small_b128_ema9995": "--model small --batch-size 128 --steps 11000 --ema-decay 0.9995 --eval-samplers ddpm250",
-    "small_b256": "--model small --batch-size 256 --steps 7500 --lr 7e-4 --eval-samplers ddpm250",
+    "tiny_b128_20k": "--model tiny --dropout 0.1 --batch-size 128 --lr 5e-4 --steps 20000 --eval-samplers ddpm250",
+    "tiny_b128": "--model tiny --dropout 0.1 --batch-size 128 --lr 5e-4 --steps 22000 --eval-samplers ddpm250",  # 369 s
+    "preset_18k_3evals": "--model tiny --dropout 0.1 --batch-size 128 --lr 5e-4 --steps 18000 --evals 3 "
+                         "--eval-samples 5000 --final-samples 10000",  # the preset until 2026-11-28
+    "tiny_b128_20k_drop0": "--model tiny --dropout 0 --batch-size 128 --lr 5e-4 --steps 20000 --eval-samplers ddpm250",
+    "small_b128_drop0": "--model small --dropout 0 --batch-size 128 --lr 5e-4 --steps 11000 --eval-samplers ddpm250",
+    "small_b128_lr1e3": "--model small --dropout 0 --batch-size 128 --lr 1e-3 --steps 11000 --eval-samplers ddpm250",
+    "small_b128_ddim50": "--model small --dropout 0 --batch-size 128 --lr 5e-4 --steps 13500 --eval-samplers ddim50",
+    "small_b128_ema9995": "--model small --dropout 0 --batch-size 128 --lr 5e-4 --steps 11000 --ema-decay 0.9995 "
+                          "--eval-samplers ddpm250",
+    "small_b256": "--model small --dropout 0 --batch-size 256 --lr 7e-4 --steps 7500 --eval-samplers ddpm250",
+    # not run yet: the larger batch's learning rate, dropout's share, SpeeD's share, a batch of 512
+    "small_b256_lr1e3": "--model small --dropout 0 --batch-size 256 --lr 1e-3 --steps 7500 --eval-samplers ddpm250",
+    "small_b256_drop01": "--model small --dropout 0.1 --batch-size 256 --lr 7e-4 --steps 7500 --eval-samplers ddpm250",
+    "small_b256_uniform": "--model small --dropout 0 --batch-size 256 --lr 7e-4 --steps 7500 --eval-samplers ddpm250 "
+                          "--strategy uniform",
+    "small_b512": "--model small --dropout 0 --batch-size 512 --lr 1e-3 --steps 4000 --eval-samplers ddpm250",
 }
 
 
