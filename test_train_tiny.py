@@ -396,6 +396,15 @@ def test_losses_are_logged_every_1000_steps_even_with_one_evaluation(tmp_path, d
     assert (seen[0]["log_every"], seen[0]["callback_every"]) == (1000, 3000)
 
 
+def test_out_of_gpu_memory_is_one_line_naming_the_batch_size(tmp_path, data, monkeypatch, capsys):
+    def fake_train(*a, **k):  # what a GPU too small for the h100 preset's batch raises at the first step
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(speed, "train", fake_train)
+    assert train_tiny.main(_argv(data, tmp_path / "run", "--steps", "2", "--batch-size", "4")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("train_tiny: --batch-size 4: out of memory on cpu")
+
+
 def test_cpu_default_says_what_runs_and_where_outputs_are(tmp_path, data, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert train_tiny.main(["--data", data["zip"], "--cache", data["cache"], "--quiet", "--batch-size", "2",
