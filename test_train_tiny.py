@@ -402,7 +402,7 @@ def test_out_of_gpu_memory_is_one_line_naming_the_batch_size(tmp_path, data, mon
     monkeypatch.setattr(speed, "train", fake_train)
     assert train_tiny.main(_argv(data, tmp_path / "run", "--steps", "2", "--batch-size", "4")) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("train_tiny: --batch-size 4: out of memory on cpu")
+    assert err.count("\n") == 1 and err.startswith("train_tiny: out of memory on cpu (micro UNet, --batch-size 4)")
 
 
 def test_cpu_default_says_what_runs_and_where_outputs_are(tmp_path, data, monkeypatch, capsys):

@@ -420,8 +420,8 @@ def main(argv=None):
         rank == 0 and print(f"train_tiny: {e}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:  # the h100 preset's batch on a smaller GPU: say which option to change
-        print(f"train_tiny: --batch-size {args.batch_size}: out of memory on {args.device} with the {args.model} "
-              f"UNet; valid: a smaller --batch-size, --model tiny or --preset t4", file=sys.stderr)
+        print(f"train_tiny: out of memory on {args.device} ({args.model} UNet, --batch-size {args.batch_size}); "
+              f"valid: a smaller --batch-size, --model tiny or --preset t4", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside training (which stops cleanly on Ctrl-C): setup or the final evaluation
         resumable = args is not None and os.path.exists(os.path.join(args.out, "ckpt.pt"))
