@@ -366,6 +366,8 @@ def test_quick_search_candidates_still_mean_what_was_measured(tmp_path):
         name = os.path.basename(os.path.dirname(path)).rsplit("_s", 1)[0]
         ran, now = json.load(open(path))["config"], vars(train_tiny.parse_args(quick_search.job(name, 0, args)[3]))
         _assert_same_run(now, ran, name)
+    for name in quick_search.CANDIDATES:  # the ones not run yet parse too: a typo would waste a device call
+        train_tiny.parse_args(quick_search.job(name, 0, args)[3])
 
 
 def test_protocol_script_still_means_what_its_committed_runs_ran(tmp_path):
