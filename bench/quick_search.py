@@ -42,11 +42,13 @@ CANDIDATES = {  # name: train_tiny options on top of the h100 preset (warm-up 20
     "small_b128_ema9995": "--model small --dropout 0 --batch-size 128 --lr 5e-4 --steps 11000 --ema-decay 0.9995 "
                           "--eval-samplers ddpm250",
     "small_b256": "--model small --dropout 0 --batch-size 256 --lr 7e-4 --steps 7500 --eval-samplers ddpm250",
-    # not run yet: the larger batch's learning rate, dropout's share, SpeeD's share, a batch of 512
+    # not run yet: the larger batch's learning rate, dropout's share, SpeeD's share and Min-SNR's, a batch of 512
     "small_b256_lr1e3": "--model small --dropout 0 --batch-size 256 --lr 1e-3 --steps 7500 --eval-samplers ddpm250",
     "small_b256_drop01": "--model small --dropout 0.1 --batch-size 256 --lr 7e-4 --steps 7500 --eval-samplers ddpm250",
     "small_b256_uniform": "--model small --dropout 0 --batch-size 256 --lr 7e-4 --steps 7500 --eval-samplers ddpm250 "
                           "--strategy uniform",
+    "small_b256_min_snr": "--model small --dropout 0 --batch-size 256 --lr 7e-4 --steps 7500 --eval-samplers ddpm250 "
+                          "--strategy min_snr",  # the comparison's best strategy (README) in the quick check
     "small_b512": "--model small --dropout 0 --batch-size 512 --lr 1e-3 --steps 4000 --eval-samplers ddpm250",
 }
 
