@@ -72,6 +72,10 @@ def kernel_table(prof, steps):
     return by_kind, by_name, n / steps
 
 
+def top8(ms):  # the eight entries with the most ms, longest first
+    return dict(sorted(ms.items(), key=lambda kv: -kv[1])[:8])
+
+
 def profile_step(size, batch, compile=True, graph=True, device="cuda"):
     """GPU kernel time per step vs wall time per step for the graphed step (20 replays), kernel time by kind and the
     eight longest kernels (ms per step). graph=False: the same step launched op by op, so that each kernel has the op
@@ -97,7 +101,7 @@ def profile_step(size, batch, compile=True, graph=True, device="cuda"):
     for a in holder["prof"].key_averages(group_by_input_shape=True) if not graph else []:
         ops[f"{a.key} {a.input_shapes}"[:160]] = getattr(a, "self_device_time_total", 0) / 1e3 / 20
     by_kind, by_name, per_step = kernel_table(holder["prof"], 20)
-    top, top_ops = (dict(sorted(d.items(), key=lambda kv: -kv[1])[:8]) for d in (by_name, ops))
+    top, top_ops = top8(by_name), top8(ops)
     return dict(wall_ms=wall * 1e3, kernel_ms=sum(by_kind.values()), kernels_per_step=per_step,
                 kernel_ms_by_kind=by_kind, top_kernels_ms=top, **({"top_ops_ms": top_ops} if not graph else {}))
 
@@ -143,7 +147,7 @@ def profile_sample(batch=2500, steps=50, device="cuda"):
     by_kind, by_name, per_step = kernel_table(prof, steps)
     return dict(batch=batch, wall_ms_per_step=wall * 1e3, kernel_ms_per_step=sum(by_kind.values()),
                 kernels_per_step=per_step, kernel_ms_by_kind=by_kind, tflops=FWD_GFLOP["tiny"] * batch / wall / 1e3,
-                top_kernels_ms=dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:8]))
+                top_kernels_ms=top8(by_name))
 
 
 def frechet_time(d=2048, n=10000):
