@@ -527,8 +527,8 @@ def _plain(x, what):  # x as plain JSON values (numpy scalars become numbers): w
                f"{what} may hold only numbers, strings, lists and dicts; got {type(v).__name__}")
         return v.item()
     return json.loads(json.dumps(x, default=number))
-def _check_train(model, images, labels, strategy, schedule, target, world, steps, lr, batch_size, warmup, log_every,
-                 grad_clip, ema_decay, ckpt_minutes):  # train()'s arguments: a ValueError names the first bad one
+def _check_train(model, images, labels, strategy, schedule, target, world, steps, lr, batch_size, warmup, cooldown,
+                 log_every, grad_clip, ema_decay, ckpt_minutes):  # train()'s arguments: a ValueError names the bad one
     _check(isinstance(model, nn.Module) and len([*model.parameters()]), "model must be an nn.Module with parameters")
     _check(torch.is_tensor(images) and images.dtype == torch.uint8 and images.ndim == 4, "images must be uint8 NCHW")
     _check(labels is None or (torch.is_tensor(labels) and labels.shape == (len(images),)), "labels must be None or [N]")
@@ -538,7 +538,8 @@ def _check_train(model, images, labels, strategy, schedule, target, world, steps
             ("steps", _is_int(steps, 1), "an integer >= 1"), ("lr", _is_num(lr) and lr > 0, "a number > 0"),
             ("batch_size", _is_int(batch_size, 1, len(images)) and batch_size % world == 0,
              f"an integer in [1, {len(images)}] divisible by the {world} rank(s)"),
-            ("warmup", _is_int(warmup, 0), "an integer >= 0"), ("log_every", _is_int(log_every, 1), "an integer >= 1"),
+            ("warmup", _is_int(warmup, 0), "an integer >= 0"), ("cooldown", _is_int(cooldown, 0), "an integer >= 0"),
+            ("log_every", _is_int(log_every, 1), "an integer >= 1"),
             ("grad_clip", _is_num(grad_clip, 0), "a number >= 0 (0: no clipping)"),
             ("ema_decay", _is_num(ema_decay, 0) and ema_decay < 1, "a number in [0, 1)"),
             ("ckpt_minutes", _is_num(ckpt_minutes, 0), "a number >= 0")):
@@ -572,8 +573,7 @@ def _load_checkpoint(path, parts, gens, experiment, sums, counts):  # the same e
     for g, s in zip(gens, ck["rng"]["gens"]):
         g.set_state(s)
     torch.set_rng_state(ck["rng"]["cpu"])
-    if ck["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(ck["rng"]["cuda"], gens[0].device)
+    ck["rng"]["cuda"] is None or torch.cuda.set_rng_state(ck["rng"]["cuda"], gens[0].device)
     sums.copy_(ck["sums"]), counts.copy_(ck["counts"])
     return ck["step"], ck["history"], ck["extra"]
 def _log_entry(sums, counts, world, step, lr, since, batch_size):  # history entry from the sums (then zeroed)
@@ -599,17 +599,18 @@ class _StopOnSignal:  # SIGINT / SIGTERM set `requested` (the loop stops after t
         for s, handler in self.before.items():
             signal.signal(s, handler)
 
-def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, warmup=500, grad_clip=1.0,
+def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, warmup=500, cooldown=0, grad_clip=1.0,
           weight_decay=0.0, ema_decay=0.9999, target="eps", labels=None, precision="auto", graph=True, compile=False,
           flip=True, seed=0, device=None, log_every=100, callback=None, callback_every=0, ckpt_path=None,
           ckpt_minutes=5.0, resume=True, experiment=None, progress=True):
-    """Train `model` (model(x_t, t[, y=labels])) on uint8 images [N, C, H, W]. callback(result) runs on rank 0 every
-    callback_every steps and after the last; True stops. With ckpt_path a checkpoint is written every ckpt_minutes, at a
-    stop, on SIGINT/SIGTERM (then result.interrupted) and at the end; resume continues one of the same experiment."""
+    """Train `model` (model(x_t, t[, y=labels])) on uint8 images [N, C, H, W]; lr rises linearly over the first `warmup`
+    steps and falls linearly towards 0 over the last `cooldown`. callback(result) runs on rank 0 every callback_every
+    steps and after the last; True stops. With ckpt_path a checkpoint is written every ckpt_minutes, at a stop, on
+    SIGINT/SIGTERM (then result.interrupted) and at the end; resume continues one of the same experiment."""
     # the arguments; the device (by default this rank's GPU), precision, CUDA graph or not, memory format
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    _check_train(model, images, labels, strategy, schedule, target, world, steps, lr, batch_size, warmup, log_every,
-                 grad_clip, ema_decay, ckpt_minutes)
+    _check_train(model, images, labels, strategy, schedule, target, world, steps, lr, batch_size, warmup, cooldown,
+                 log_every, grad_clip, ema_decay, ckpt_minutes)
     device = torch.device(device) if device is not None else torch.device(
         "cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     precision = pick_precision(device, precision)
@@ -627,7 +628,7 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
                              weight_decay=weight_decay, ema_decay=ema_decay, target=target, world_size=world,
                              schedule=[schedule.T, round(float(schedule.alpha_bar.sum()), 9)], strategy=strategy.config,
                              model=[type(model).__name__, [list(p.shape) for p in model.parameters()]],
-                             **(experiment or {})), "experiment")
+                             **({"cooldown": cooldown} if cooldown else {}), **(experiment or {})), "experiment")
     parts = dict(model=model, ema=ema, opt=opt, scaler=scaler, strategy=strategy)
     sums, counts = torch.zeros(4, device=device), torch.zeros(4, device=device)  # loss, then MSE per area
     start, history, extra = _load_checkpoint(ckpt_path, parts, gens, experiment, sums, counts) if (
@@ -652,8 +653,7 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
                                         **({"y": labels[idx]} if labels is not None else {}))
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
-        if grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        grad_clip and nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(opt)
         scaler.update()
         ema_update(ema, model, decay)
@@ -679,7 +679,7 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
                 flips = torch.rand(len(images), generator=g, device=device) < 0.5
             batch = order[(step % per_epoch) * batch_size:][:batch_size][rank * b:][:b]
             idx.copy_(batch), flipped.copy_(flips[batch])
-            value = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+            value = lr * min(1.0, (step + 1) / max(warmup, 1), (steps - step) / max(cooldown, 1))
             opt.param_groups[0]["lr"] = lr_now.fill_(value) if graph else value
             decay.fill_(ema_decay_at(step, ema_decay))
             run_step()

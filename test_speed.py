@@ -1018,6 +1018,13 @@ def test_train_lowers_the_loss_and_logs_history():
                                  "mse_convergence"}
 
 
+def test_train_lr_warms_up_then_cools_down():
+    """lr of step i (0-based) is lr min(1, (i + 1) / warmup, (steps - i) / cooldown): here written out by hand."""
+    r = _train_small(steps=10, log_every=1, lr=1e-3, warmup=2, cooldown=4)
+    assert [h["lr"] for h in r.history] == pytest.approx([1e-3 * f for f in
+                                                          (0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25)])
+
+
 def _hist(r, keys=("step", "loss", "lr", "mse_acceleration", "mse_deceleration", "mse_convergence")):
     return [tuple("nan" if isinstance(h[k], float) and math.isnan(h[k]) else h[k] for k in keys) for h in r.history]
 
@@ -1194,6 +1201,7 @@ def test_train_history_after_interrupt_between_log_points_equals_uninterrupted(t
 @pytest.mark.parametrize("kw,match", [
     (dict(grad_clip=-1.0), "grad_clip"), (dict(lr=0), r"\blr\b"), (dict(ema_decay=1.0), "ema_decay"),
     (dict(batch_size=65), "batch_size"), (dict(steps=0), "steps"), (dict(warmup=-1), "warmup"),
+    (dict(cooldown=1.5), "cooldown"),
     (dict(target="score"), "target"), (dict(precision="fp8"), "precision"),
 ])
 def test_train_rejects_bad_arguments(kw, match):

@@ -24,7 +24,8 @@ CIFAR10_URL, CIFAR10_MD5 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 MICRO = dict(ch=16, ch_mult=(1, 2), num_blocks=1, attn_res=(16,), dropout=0.0)  # the CPU smoke model
-DEFAULTS = dict(lr=5e-4, warmup=200, eval_samplers="ddim25", limit=None, fid_model="inception", compile=False)
+DEFAULTS = dict(lr=5e-4, warmup=200, cooldown=0, eval_samplers="ddim25", limit=None, fid_model="inception",
+                compile=False)
 PRESETS = {  # options left unset take their preset's value, else DEFAULTS'
     "h100": dict(model="small", dropout=0.0, steps=7500, batch_size=256, lr=7e-4, ema_decay=0.999, evals=1,
                  eval_samples=10000, final_samples=0, eval_samplers="ddpm250", compile=True, about="the quick check "
@@ -286,9 +287,9 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     try:
         result = speed.train(model, images, schedule, strategy, steps=args.steps, batch_size=args.batch_size,
-                             lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay, precision=args.precision,
-                             compile=compile, seed=args.seed, device=args.device, callback=evaluate,
-                             callback_every=every, log_every=min(every, 1000),  # the bar's loss: each 1k steps at least
+                             lr=args.lr, warmup=args.warmup, cooldown=args.cooldown, ema_decay=args.ema_decay,
+                             precision=args.precision, compile=compile, seed=args.seed, device=args.device,
+                             callback=evaluate, callback_every=every, log_every=min(every, 1000),  # bar: each 1k steps
                              ckpt_path=os.path.join(args.out, "ckpt.pt"), resume=args.resume, experiment=experiment,
                              progress=not args.quiet)
     except ValueError as e:  # a checkpoint of another experiment (or world_size), or options that do not fit the data
@@ -393,6 +394,7 @@ def parse_args(argv=None):
     add("--eval-samplers", help="comma-separated ddpmN (ancestral, N respaced steps) or ddimN, e.g. ddpm250,ddim25")
     add("--lr", type=_arg(float, lambda v: 0 < v < float("inf"), "a number > 0"), help="peak learning rate")
     add("--warmup", type=count, help="steps of learning-rate warm-up")
+    add("--cooldown", type=count, help="last steps over which the learning rate falls linearly towards 0")
     add("--ema-decay", type=_arg(float, lambda v: 0 <= v < 1, "a number in [0, 1)"))
     add("--fid-model", help="inception (standard FID), none, or a TorchScript feature net file")
     add("--schedule", choices=speed.SCHEDULES, default="linear")

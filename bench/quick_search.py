@@ -50,6 +50,8 @@ CANDIDATES = {  # name: train_tiny options on top of the h100 preset (warm-up 20
     "small_b256_min_snr": "--model small --dropout 0 --batch-size 256 --lr 7e-4 --steps 7500 --eval-samplers ddpm250 "
                           "--strategy min_snr",  # the comparison's best strategy (README) in the quick check
     "small_b512": "--model small --dropout 0 --batch-size 512 --lr 1e-3 --steps 4000 --eval-samplers ddpm250",
+    "small_b256_cool": "--model small --dropout 0 --batch-size 256 --lr 7e-4 --steps 7500 --eval-samplers ddpm250 "
+                       "--cooldown 1500",  # the lr falls linearly to 0 over the last 20 % (warm-up, stable, decay)
 }
 
 
