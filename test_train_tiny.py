@@ -336,10 +336,10 @@ def test_h100_preset_is_the_quick_search_winner_as_measured(tmp_path):
     import quick_search  # the default quick check must be exactly the configuration whose FID and wall were timed
     (tmp_path / "d.zip").touch()
     args = argparse.Namespace(work=str(tmp_path), data=str(tmp_path / "d.zip"), fid_model="none")
-    _, _, _, argv, _ = quick_search.job("small_b256", 0, args)
+    _, _, _, argv, _ = quick_search.job("small_b256_cool", 0, args)
     measured, default = (vars(train_tiny.parse_args(a)) for a in (argv, argv[:argv.index("--evals")]))
     assert measured == default and (default["model"], default["steps"], default["dropout"]) == ("small", 7500, 0)
-    assert (default["batch_size"], default["lr"]) == (256, 7e-4)
+    assert (default["batch_size"], default["lr"], default["cooldown"]) == (256, 7e-4, 1500)
     assert default["eval_samplers"] == "ddpm250"
     old = vars(train_tiny.parse_args(quick_search.job("preset_18k_3evals", 0, args)[3]))
     assert old["steps"] == 18000 and (old["evals"], old["final_samples"]) == (3, 10000)
@@ -351,6 +351,7 @@ def _assert_same_run(now, ran, where):
     for k in ("strategy", "model", "steps", "batch_size", "lr", "warmup", "ema_decay", "evals", "eval_samples",
               "final_samples", "eval_samplers", "schedule", "precision", "compile"):
         assert now[k] == ran[k], (where, k)
+    assert now["cooldown"] == ran.get("cooldown", 0), (where, "cooldown")  # runs from before it: none
     rate = lambda d: speed.UNET_SIZES[ran["model"]]["dropout"] if d is None else d  # noqa: E731
     assert rate(now["dropout"]) == rate(ran.get("dropout")), (where, "dropout")
 

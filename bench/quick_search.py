@@ -27,31 +27,34 @@ import compare  # noqa: E402
 # reference statistics + 68 s compiling the step + steps × batch / the steady rate (H100: small b256 10,580 img/s,
 # b128 8,930, tiny b128 14,150; b512 not measured, guessed 1.1× b256) + the evaluation: 32 s (sampler compilation,
 # Inception, FD) + the sampling (small UNet DDPM-250 ≈ 44 s, tiny 23 s; other step counts scaled by steps) + 3 s
-# samples and checkpoint. Options the preset has changed since (batch 128 → 256, lr 5e-4 → 7e-4) are pinned.
+# samples and checkpoint. Options the preset has changed since (batch 128 → 256, lr 5e-4 → 7e-4, cool-down 0 →
+# 1,500) are pinned, so that every candidate trains what it trained when it was measured.
+SMALL = "--model small --dropout 0 --eval-samplers ddpm250 "
 CANDIDATES = {  # name: train_tiny options on top of the h100 preset (warm-up 200, EMA 0.999, SpeeD)
-    "h100_preset": "",  # the default as a user runs it: since 2026-12-07 the winner, small_b256
+    "h100_preset": "",  # the default as a user runs it: since 2026-12-07 the winner, small_b256_cool
     # measured (bench/results/quick_search.json)
-    "tiny_b128_20k": "--model tiny --dropout 0.1 --batch-size 128 --lr 5e-4 --steps 20000 --eval-samplers ddpm250",
-    "tiny_b128": "--model tiny --dropout 0.1 --batch-size 128 --lr 5e-4 --steps 22000 --eval-samplers ddpm250",  # 369 s
-    "preset_18k_3evals": "--model tiny --dropout 0.1 --batch-size 128 --lr 5e-4 --steps 18000 --evals 3 "
+    "tiny_b128_20k": "--model tiny --dropout 0.1 --batch-size 128 --lr 5e-4 --cooldown 0 --steps 20000 "
+                     "--eval-samplers ddpm250",
+    "tiny_b128": "--model tiny --dropout 0.1 --batch-size 128 --lr 5e-4 --cooldown 0 --steps 22000 "
+                 "--eval-samplers ddpm250",  # 369 s
+    "preset_18k_3evals": "--model tiny --dropout 0.1 --batch-size 128 --lr 5e-4 --cooldown 0 --steps 18000 --evals 3 "
                          "--eval-samples 5000 --final-samples 10000",  # the preset until 2026-11-28
-    "tiny_b128_20k_drop0": "--model tiny --dropout 0 --batch-size 128 --lr 5e-4 --steps 20000 --eval-samplers ddpm250",
-    "small_b128_drop0": "--model small --dropout 0 --batch-size 128 --lr 5e-4 --steps 11000 --eval-samplers ddpm250",
-    "small_b128_lr1e3": "--model small --dropout 0 --batch-size 128 --lr 1e-3 --steps 11000 --eval-samplers ddpm250",
-    "small_b128_ddim50": "--model small --dropout 0 --batch-size 128 --lr 5e-4 --steps 13500 --eval-samplers ddim50",
-    "small_b128_ema9995": "--model small --dropout 0 --batch-size 128 --lr 5e-4 --steps 11000 --ema-decay 0.9995 "
-                          "--eval-samplers ddpm250",
-    "small_b256": "--model small --dropout 0 --batch-size 256 --lr 7e-4 --steps 7500 --eval-samplers ddpm250",
-    # not run yet: the larger batch's learning rate, dropout's share, SpeeD's share and Min-SNR's, a batch of 512
-    "small_b256_lr1e3": "--model small --dropout 0 --batch-size 256 --lr 1e-3 --steps 7500 --eval-samplers ddpm250",
-    "small_b256_drop01": "--model small --dropout 0.1 --batch-size 256 --lr 7e-4 --steps 7500 --eval-samplers ddpm250",
-    "small_b256_uniform": "--model small --dropout 0 --batch-size 256 --lr 7e-4 --steps 7500 --eval-samplers ddpm250 "
-                          "--strategy uniform",
-    "small_b256_min_snr": "--model small --dropout 0 --batch-size 256 --lr 7e-4 --steps 7500 --eval-samplers ddpm250 "
-                          "--strategy min_snr",  # the comparison's best strategy (README) in the quick check
-    "small_b512": "--model small --dropout 0 --batch-size 512 --lr 1e-3 --steps 4000 --eval-samplers ddpm250",
-    "small_b256_cool": "--model small --dropout 0 --batch-size 256 --lr 7e-4 --steps 7500 --eval-samplers ddpm250 "
-                       "--cooldown 1500",  # the lr falls linearly to 0 over the last 20 % (warm-up, stable, decay)
+    "tiny_b128_20k_drop0": "--model tiny --dropout 0 --batch-size 128 --lr 5e-4 --cooldown 0 --steps 20000 "
+                           "--eval-samplers ddpm250",
+    "small_b128_drop0": SMALL + "--batch-size 128 --lr 5e-4 --cooldown 0 --steps 11000",
+    "small_b128_lr1e3": SMALL + "--batch-size 128 --lr 1e-3 --cooldown 0 --steps 11000",
+    "small_b128_ddim50": "--model small --dropout 0 --batch-size 128 --lr 5e-4 --cooldown 0 --steps 13500 "
+                         "--eval-samplers ddim50",
+    "small_b128_ema9995": SMALL + "--batch-size 128 --lr 5e-4 --cooldown 0 --steps 11000 --ema-decay 0.9995",
+    "small_b256": SMALL + "--batch-size 256 --lr 7e-4 --cooldown 0 --steps 7500",
+    "small_b256_cool": SMALL + "--batch-size 256 --lr 7e-4 --cooldown 1500 --steps 7500",  # lr to 0 over the last 20 %
+    # not run yet, all with the cool-down: the larger batch's lr, dropout's share, SpeeD's and Min-SNR's, batch 512
+    "small_b256_lr1e3": SMALL + "--batch-size 256 --lr 1e-3 --cooldown 1500 --steps 7500",
+    "small_b256_drop01": "--model small --dropout 0.1 --eval-samplers ddpm250 --batch-size 256 --lr 7e-4 "
+                         "--cooldown 1500 --steps 7500",
+    "small_b256_uniform": SMALL + "--batch-size 256 --lr 7e-4 --cooldown 1500 --steps 7500 --strategy uniform",
+    "small_b256_min_snr": SMALL + "--batch-size 256 --lr 7e-4 --cooldown 1500 --steps 7500 --strategy min_snr",
+    "small_b512": SMALL + "--batch-size 512 --lr 1e-3 --cooldown 800 --steps 4000",
 }
 
 

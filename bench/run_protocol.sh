@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The comparison protocol of issue 10 on the device: Inception FID under DDPM-250 and DDIM-25, tiny UNet
 # (dropout 0.1), 20,000 steps at batch 128 and lr 5e-4, FID-5k at 10 checkpoints and FID-10k at the end, controlled
-# seeds. The model, dropout, batch and lr are named: the h100 preset under them changed after these runs
+# seeds. The model, dropout, batch, lr and cool-down are named: the h100 preset under them changed after these runs
 # (test_train_tiny.py).
 #
 # Measured on 4x H200 (2026-11-28): one run of the tiny UNet takes 6 minutes (7.5 for the first runs on a
@@ -39,7 +39,7 @@ mkdir -p /tmp/protocol_keep/$ARM bench/results/protocol/$ARM && cp -r /tmp/proto
 timeout -s TERM "${LIMIT_S:-550}" python3 bench/compare.py --strategies "${STRATEGIES:?e.g. uniform,speed}" --seeds "${SEEDS:?e.g. 0}" \
     --out bench/results/protocol/$ARM --per-gpu "${PER_GPU:-1}" ${GPUS:+--gpus "$GPUS"} --resume -- \
     --data .devdata/cifar10-train-jpeg75.zip --fid-model /tmp/devcache/inception-fid-fp16.pt --model tiny --dropout 0.1 \
-    --steps 20000 --batch-size 128 --lr 5e-4 --evals 10 --eval-samplers ddpm250,ddim25 --eval-samples 5000 --final-samples 10000 $EXTRA
+    --steps 20000 --batch-size 128 --lr 5e-4 --cooldown 0 --evals 10 --eval-samplers ddpm250,ddim25 --eval-samples 5000 --final-samples 10000 $EXTRA
 cp -r bench/results/protocol/$ARM/. /tmp/protocol_keep/$ARM/
 # sample grids travel and are committed as JPEG-95 (bench/README.md), a third of the PNG's size
 python3 -c "import glob, os, PIL.Image as I
