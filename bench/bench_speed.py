@@ -217,11 +217,12 @@ def main():
         res.update(ddpm_tflops=raw[best], ddpm_tflops_batch=int(best.rsplit("_b", 1)[1]),
                    ddpm_peak_fraction=raw[best] * 1e12 / PEAK_BF16, ddpm_tflops_b128=raw["tflops_ddpm_b128"])
 
-    def small_batches_part():  # the h100 preset's UNet (dropout 0) at its batch and at 512: where the rate saturates
-        for batch in (256, 512):
+    def small_batches_part():  # the h100 preset's UNet (dropout 0) at 512 and at its batch: where the rate saturates
+        for batch in (512, 256):  # 512 first: the one not measured yet, saved before the other starts
             raw[f"train_img_s_small_drop0_b{batch}"] = r = train_rate(speed, "small", batch, 1000 * 256 // batch,
                                                                       arch=dict(dropout=0.0), compile=True)
             log(f"small (dropout 0) batch {batch}: {r:.0f} img/s")
+            save()
 
     def profile_part():  # kernel time vs wall time per step
         for size in ("tiny",):
