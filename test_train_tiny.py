@@ -1,4 +1,4 @@
-"""Tests of train_tiny.py (data, feature nets, one run, the command line) and bench/compare.py.
+"""Tests of train_tiny.py (data, feature nets, one run, the command line) and the bench/ scripts.
 
 Runs use a small generated dataset (8x8 images) and the micro UNet, so each takes seconds on a CPU; the
 tests of the real Inception network and the shared data skip where ../shared is absent. No test
@@ -655,3 +655,10 @@ def test_compare_end_to_end_then_resume_skips_finished_runs(tmp_path, data, monk
     monkeypatch.setattr(compare, "launch", lambda jobs, *a, **k: launched.extend(jobs) or [])
     assert compare.main(argv) == 2                     # finished runs there: --resume or another --out
     assert compare.main(["--resume", *argv]) == 0 and launched == []
+
+
+def test_every_mutant_of_bench_mutations_still_applies_to_speed_py():
+    import mutations  # a mutant whose pattern speed.py lost would stop the script: catch it here, not on a rerun
+    source = open(os.path.join(HERE, "speed.py")).read()
+    for name, edits in mutations.MUTANTS:
+        assert mutations.apply(source, edits, name) != source, name
