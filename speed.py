@@ -456,7 +456,7 @@ def make_unet(size="tiny", **overrides):
     """tiny (2.4M parameters, 0.84 GFLOP per 32x32 image), small (9.6M, 3.2), ddpm (35.7M, 12.4: DDPM's CIFAR-10)."""
     _check_choice("size", size, tuple(UNET_SIZES))
     return UNet(**{**UNET_SIZES[size], **overrides})
-# ---- 9. Training: AdamW with linear warm-up, gradient clipping, EMA with warm-up (DDPM, Ho et al. 2020, App. B) ------
+# ---- 9. Training: AdamW, lr warm-up (and cool-down), gradient clipping, EMA with warm-up (Ho et al. 2020, App. B) ----
 #      On a GPU the whole step is one CUDA graph; under torchrun the global batch is split over the ranks (same math).
 def pick_precision(device, precision="auto"):
     """'bf16' on GPUs with compute capability >= 8, 'fp16' on older GPUs, 'fp32' on the CPU."""
