@@ -371,14 +371,23 @@ def test_quick_search_candidates_still_mean_what_was_measured(tmp_path):
         train_tiny.parse_args(quick_search.job(name, 0, args)[3])
 
 
+def _run_options(command, tmp_path):
+    """train_tiny's parsed options (h100 preset: the default on a GPU) of the part after ' -- ' of a compare.py
+    command, with its data and feature net replaced by stand-ins."""
+    options = command.replace("\\\n", " ").split(" -- ", 1)[1].split()
+    options[options.index("--data") + 1] = str(tmp_path / "d.zip")
+    (tmp_path / "d.zip").touch()
+    return vars(train_tiny.parse_args(["--preset", "h100", *options, "--fid-model", "none"]))
+
+
+def _protocol_options(tmp_path):  # what run_protocol.sh passes to every run
+    text = open(os.path.join(os.path.dirname(TRAIN_TINY), "bench", "run_protocol.sh")).read()
+    return _run_options(" -- " + text.split("--resume -- ", 1)[1].split("$EXTRA", 1)[0], tmp_path)
+
+
 def test_protocol_script_still_means_what_its_committed_runs_ran(tmp_path):
     # run_protocol.sh passes options on top of the h100 preset: a preset change must not change the protocol
-    text = open(os.path.join(os.path.dirname(TRAIN_TINY), "bench", "run_protocol.sh")).read().replace("\\\n", " ")
-    options = text.split("--resume -- ", 1)[1].split("$EXTRA", 1)[0].split()
-    options[options.index("--data") + 1] = str(tmp_path / "d.zip")
-    options[options.index("--fid-model") + 1] = "none"
-    (tmp_path / "d.zip").touch()
-    now = vars(train_tiny.parse_args(["--preset", "h100", *options]))  # h100: the default on their GPU
+    now = _protocol_options(tmp_path)
     runs = glob.glob(os.path.join(os.path.dirname(TRAIN_TINY), "bench", "results", "protocol", "*", "*_s*",
                                   "metrics.json"))
     assert len(runs) >= 20
@@ -386,6 +395,17 @@ def test_protocol_script_still_means_what_its_committed_runs_ran(tmp_path):
         ran = json.load(open(path))["config"]
         assert ran["preset"] == "h100"
         _assert_same_run({**now, "strategy": ran["strategy"]}, ran, path)  # compare.py sets each run's strategy
+
+
+def test_documented_comparison_commands_train_what_the_protocol_trained(tmp_path):
+    # compare.py's docstring and the notebook show how to rerun the comparison: the same training as run_protocol.sh
+    root, want = os.path.dirname(TRAIN_TINY), _protocol_options(tmp_path)
+    doc = compare.__doc__.split("python bench/compare.py", 2)[1]
+    cell = next("".join(c["source"]) for c in json.load(open(os.path.join(root, "tutorial.ipynb")))["cells"]
+                if "bench/compare.py --strategies uniform,speed --seeds" in "".join(c["source"]))
+    notebook = cell.split("python bench/compare.py", 1)[1].split("```", 1)[0]
+    for where, command in (("compare.py", doc), ("tutorial.ipynb", notebook)):
+        _assert_same_run(_run_options(command, tmp_path), want, where)
 
 
 def test_losses_are_logged_every_1000_steps_even_with_one_evaluation(tmp_path, data, monkeypatch):

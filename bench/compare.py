@@ -3,7 +3,8 @@ their quality curves under each sampler: a table, a plot and the speed-up factor
 
     python bench/compare.py --strategies uniform,speed --seeds 0,1,2 --out bench/results/full \\
         --gpus 0,1 --per-gpu 4 -- --data ../shared/data/cifar10-train-jpeg75.zip --model tiny --dropout 0.1 \\
-        --steps 20000 --evals 10 --eval-samplers ddpm250,ddim25 --eval-samples 5000 --final-samples 10000
+        --batch-size 128 --lr 5e-4 --cooldown 0 --steps 20000 --evals 10 --eval-samplers ddpm250,ddim25 \\
+        --eval-samples 5000 --final-samples 10000
     python bench/compare.py ... --resume        # continue unfinished runs from their checkpoints, skip finished ones
     python bench/compare.py ... --summarize     # only rebuild compare.json, compare.md and compare.png
     python bench/compare.py --strategies uniform,speed:k=1 --out arm2 --summarize --runs-from arm1  # reuse arm1's runs
