@@ -41,6 +41,8 @@ def train_rate(mod, size, batch, steps, arch=None, **kw):
     r = mod.train(model, images(), sch, mod.make_strategy("speed", sch), steps=steps, batch_size=batch,
                   log_every=steps // 2, progress=False, device="cuda", **kw)
     torch.cuda.synchronize()
+    if getattr(r, "interrupted", False):  # stopped by SIGTERM (`timeout`) or Ctrl-C: no rate, stop the script
+        raise KeyboardInterrupt(f"{size} batch {batch}: interrupted at step {r.step}")
     return r.history[-1]["img_per_s"]
 
 
