@@ -345,6 +345,19 @@ def test_h100_preset_is_the_quick_search_winner_as_measured(tmp_path):
     assert old["steps"] == 18000 and (old["evals"], old["final_samples"]) == (3, 10000)
 
 
+def test_quick_search_result_reads_the_fid_and_names_the_host(tmp_path):
+    import quick_search  # walls depend on the host's CPU (it compiles): every result says which one it ran on
+    m = dict(evals={"ddpm250": [[7500, 16.4]]}, final=None, metric="FID", steps=7500, device="NVIDIA H100",
+             history=[dict(img_per_s=10500.0)], seconds=dict(setup=20.0))
+    (tmp_path / "metrics.json").write_text(json.dumps(m))
+    r = quick_search.result("small_b256_cool", str(tmp_path), 350.0)
+    assert (r["fid10k"], r["sampler"], r["wall_s"], r["img_per_s"]) == (16.4, "ddpm250", 350.0, 10500.0)
+    assert r["options"] == quick_search.CANDIDATES["small_b256_cool"]
+    assert sys.platform != "linux" or r["host"].endswith(f" × {os.cpu_count()}")
+    (tmp_path / "metrics.json").write_text(json.dumps({**m, "final": {"ddpm250": 15.9}}))  # a final FID-10k wins
+    assert quick_search.result("h100_preset", str(tmp_path), 350.0)["fid10k"] == 15.9
+
+
 def _assert_same_run(now, ran, where):
     """Parsed options `now` train what a committed run's recorded config `ran` trained (runs from before --dropout
     recorded None: the size's dropout)."""

@@ -13,6 +13,7 @@ The steps of each candidate aim at 350 s (the time model above CANDIDATES); the 
 they did. Prints a table, best FID first, of the candidates within --budget-s.
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -68,6 +69,13 @@ def job(name, seed, args):
     return name, seed, out, argv, {"TORCHINDUCTOR_CACHE_DIR": os.path.join(cache, "inductor")}
 
 
+def host():
+    """This machine's CPU model and count: setup, compiling and the sampler's compilation run there."""
+    with contextlib.suppress(OSError):
+        models = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        return f"{models[0]} × {os.cpu_count()}" if models else None
+
+
 def result(name, out, wall):
     """A finished run's wall seconds (process start to exit), FID-10k and what produced it."""
     with open(os.path.join(out, "metrics.json")) as f:
@@ -76,7 +84,7 @@ def result(name, out, wall):
     fid10k = m["final"][sampler] if m["final"] else curve[-1][1]  # the preset's final FID-10k, else the one eval
     return dict(wall_s=wall, fid10k=fid10k, metric=m["metric"], sampler=sampler, steps=m["steps"],
                 options=CANDIDATES[name], device=m["device"], img_per_s=m["history"][-1]["img_per_s"],
-                seconds=m.get("seconds"))  # in-process: setup (data, reference statistics), evals, final
+                seconds=m.get("seconds"), host=host())  # seconds: setup (data, reference stats), evals, final
 
 
 def main():
