@@ -26,10 +26,11 @@ sys.path.insert(0, HERE)
 import compare  # noqa: E402
 # Steps aim at 350 s on an H100 from the measured runs (small_b256: 344 s): wall ≈ 7 s start-up + 20 s data and
 # reference statistics + 68 s compiling the step + steps × batch / the steady rate (H100: small b256 10,580 img/s,
-# b128 8,930, tiny b128 14,150; b512 not measured, guessed 1.1× b256) + the evaluation: 32 s (sampler compilation,
+# b128 8,930, tiny b128 14,150, small b512 11,810 = 1.12× b256) + the evaluation: 32 s (sampler compilation,
 # Inception, FD) + the sampling (small UNet DDPM-250 ≈ 44 s, tiny 23 s; other step counts scaled by steps) + 3 s
 # samples and checkpoint. Options the preset has changed since (batch 128 → 256, lr 5e-4 → 7e-4, cool-down 0 →
-# 1,500) are pinned, so that every candidate trains what it trained when it was measured.
+# 1,500) are pinned, so that every candidate trains what it trained when it was measured. Setup, compiling and the
+# sampler's compilation run on the host's CPU: a slower host adds a minute or more (lease 5 in bench/README).
 SMALL = "--model small --dropout 0 --eval-samplers ddpm250 "
 CANDIDATES = {  # name: train_tiny options on top of the h100 preset (warm-up 200, EMA 0.999, SpeeD)
     "h100_preset": "",  # the default as a user runs it: since 2026-12-07 the winner, small_b256_cool
@@ -49,13 +50,13 @@ CANDIDATES = {  # name: train_tiny options on top of the h100 preset (warm-up 20
     "small_b128_ema9995": SMALL + "--batch-size 128 --lr 5e-4 --cooldown 0 --steps 11000 --ema-decay 0.9995",
     "small_b256": SMALL + "--batch-size 256 --lr 7e-4 --cooldown 0 --steps 7500",
     "small_b256_cool": SMALL + "--batch-size 256 --lr 7e-4 --cooldown 1500 --steps 7500",  # lr to 0 over the last 20 %
-    # not run yet, all with the cool-down: the larger batch's lr, dropout's share, SpeeD's and Min-SNR's, batch 512
     "small_b256_lr1e3": SMALL + "--batch-size 256 --lr 1e-3 --cooldown 1500 --steps 7500",
+    # not run yet, all with the cool-down: dropout's share, SpeeD's and Min-SNR's, batch 512
     "small_b256_drop01": "--model small --dropout 0.1 --eval-samplers ddpm250 --batch-size 256 --lr 7e-4 "
                          "--cooldown 1500 --steps 7500",
     "small_b256_uniform": SMALL + "--batch-size 256 --lr 7e-4 --cooldown 1500 --steps 7500 --strategy uniform",
     "small_b256_min_snr": SMALL + "--batch-size 256 --lr 7e-4 --cooldown 1500 --steps 7500 --strategy min_snr",
-    "small_b512": SMALL + "--batch-size 512 --lr 1e-3 --cooldown 800 --steps 4000",
+    "small_b512": SMALL + "--batch-size 512 --lr 1e-3 --cooldown 840 --steps 4200",  # b256's images/s × 1.12
 }
 
 
