@@ -11,7 +11,9 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 
@@ -152,6 +154,36 @@ def profile_sample(batch=2500, steps=50, device="cuda"):
                 top_kernels_ms=top8(by_name))
 
 
+def compile_breakdown(size="small", batch=256, steps=40, sample_batch=2500, device="cuda"):
+    """Where the quick check's compiling goes, from empty caches: seconds to the end of the first `steps` steps (the
+    preset's UNet, dropout 0, compiled inside the whole-step graph) and to the first sampler batch of its EMA network
+    (compiled, bf16, channels-last: as train_tiny samples), each with Dynamo's split of its compile time."""
+    cache = tempfile.mkdtemp(prefix="inductor-")  # a cold cache, as a new user has: nothing compiled before
+    os.environ.update(TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
+    torch._dynamo.reset()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    phases = torch._dynamo.utils.calculate_time_spent  # cumulative seconds per phase (tracing, Inductor, ...)
+    sch, t = speed.make_schedule(), time.perf_counter()
+    r = speed.train(speed.make_unet(size, dropout=0.0), images(4 * batch), sch, speed.make_strategy("speed", sch),
+                    steps=steps, batch_size=batch, log_every=steps // 2, progress=False, device=device, compile=True)
+    sync()
+    out = dict(steps=steps, step_first_s=time.perf_counter() - t, step_phases=dict(phases()),
+               step_img_s=r.history[-1]["img_per_s"])  # the last half: compiled and captured
+    fmt = torch.channels_last if device == "cuda" else torch.contiguous_format
+    x = torch.randn(sample_batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    ts, net, walls = torch.zeros(1, dtype=torch.long, device=device).expand(sample_batch), torch.compile(r.ema), []
+    for _ in range(2):  # the first call compiles, the second runs
+        t = time.perf_counter()
+        with torch.no_grad(), torch.autocast(device, torch.bfloat16):
+            net(x, ts)
+        sync()
+        walls.append(time.perf_counter() - t)
+    out.update(sampler_net_first_s=walls[0], sampler_net_second_s=walls[1], all_phases=dict(phases()),
+               table=torch._dynamo.utils.compile_times(repr="str", aggregate=True))
+    shutil.rmtree(cache, ignore_errors=True)
+    return out
+
+
 def frechet_time(d=2048, n=10000):
     g = torch.Generator(device="cuda").manual_seed(0)
     ref = speed.feature_stats(torch.randn(n, d, device="cuda", generator=g))
@@ -189,7 +221,7 @@ def main():
     p.add_argument("--before", default=None, help="the previous speed.py, for train_img_s_tiny_before")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speed.json"))
     parts = ("train", "sizes", "small_batches", "profile", "profile_ddpm", "ops_ddpm", "sample", "profile_sample", "fd",
-             "inception", "before")
+             "inception", "before", "compile")
     p.add_argument("--only", default=",".join(parts), help="comma-separated parts: " + ",".join(parts))
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -273,6 +305,12 @@ def main():
         res["train_img_s_tiny_before"] = train_rate(before, "tiny", 128, 1600, compile="reduce-overhead")
         log(f"before (network graphed by torch.compile): {res['train_img_s_tiny_before']:.0f} img/s "
             f"({time.perf_counter() - t:.0f} s with compilation)")
+
+    def compile_part():  # the quick check's compiling (≈ 58 s for the step, ≈ 25 s for the sampler): where it goes
+        raw["compile_small_b256"] = r = compile_breakdown()
+        log(r.pop("table"))
+        log(f"compile: first {r['steps']} steps {r['step_first_s']:.1f} s, sampler network first call "
+            f"{r['sampler_net_first_s']:.1f} s (then {r['sampler_net_second_s']:.2f} s); phases {r['all_phases']}")
 
     for name in args.only.split(","):
         try:
