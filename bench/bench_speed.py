@@ -34,18 +34,23 @@ def images(n=16384):
     return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
-def train_rate(mod, size, batch, steps, arch=None, **kw):
-    """img/s over the last half of `steps` training steps of `mod.train` (speed or the previous file); arch: overrides
-    of the size's UNet options."""
+def run_train(mod, size, batch, steps, arch=None, device="cuda", **kw):
+    """`mod.train` (speed or the previous file) of a new `size` UNet (arch: overrides of its options) for `steps` steps,
+    logging each half; its result once the device is done."""
     torch.manual_seed(0)
     model = mod.make_unet(size, **(arch or {}))
     sch = mod.make_schedule()
     r = mod.train(model, images(), sch, mod.make_strategy("speed", sch), steps=steps, batch_size=batch,
-                  log_every=steps // 2, progress=False, device="cuda", **kw)
-    torch.cuda.synchronize()
-    if getattr(r, "interrupted", False):  # stopped by SIGTERM (`timeout`) or Ctrl-C: no rate, stop the script
+                  log_every=steps // 2, progress=False, device=device, **kw)
+    device == "cuda" and torch.cuda.synchronize()
+    if getattr(r, "interrupted", False):  # stopped by SIGTERM (`timeout`) or Ctrl-C: no numbers, stop the script
         raise KeyboardInterrupt(f"{size} batch {batch}: interrupted at step {r.step}")
-    return r.history[-1]["img_per_s"]
+    return r
+
+
+def train_rate(mod, size, batch, steps, arch=None, **kw):
+    """img/s over the last half of `steps` training steps (run_train)."""
+    return run_train(mod, size, batch, steps, arch, **kw).history[-1]["img_per_s"]
 
 
 KINDS = (("matmul/conv", ("triton_tem", "gemm", "conv", "cutlass", "xmma", "cudnn", "nvjet", "wgrad", "dgrad")),
@@ -163,10 +168,8 @@ def compile_breakdown(size="small", batch=256, steps=40, sample_batch=2500, devi
     torch._dynamo.reset()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     phases = torch._dynamo.utils.calculate_time_spent  # cumulative seconds per phase (tracing, Inductor, ...)
-    sch, t = speed.make_schedule(), time.perf_counter()
-    r = speed.train(speed.make_unet(size, dropout=0.0), images(4 * batch), sch, speed.make_strategy("speed", sch),
-                    steps=steps, batch_size=batch, log_every=steps // 2, progress=False, device=device, compile=True)
-    sync()
+    t = time.perf_counter()
+    r = run_train(speed, size, batch, steps, dict(dropout=0.0), device=device, compile=True)
     out = dict(steps=steps, step_first_s=time.perf_counter() - t, step_phases=dict(phases()),
                step_img_s=r.history[-1]["img_per_s"])  # the last half: compiled and captured
     fmt = torch.channels_last if device == "cuda" else torch.contiguous_format
