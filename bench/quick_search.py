@@ -123,11 +123,11 @@ def main():
     with open(args.out + ".tmp", "w") as f:
         json.dump(results, f, indent=1)
     os.replace(args.out + ".tmp", args.out)
-    table = {}  # candidate: FIDs and walls over seeds
+    table = {}  # candidate: FIDs and walls over its runs (key name_sSEED, or name_sSEED@lease for a rerun elsewhere)
     for key, r in results.items():
-        t = table.setdefault(re.sub(r"_s\d+$", "", key), dict(fid=[], wall=[]))
+        t = table.setdefault(re.sub(r"_s\d+(@\w+)?$", "", key), dict(fid=[], wall=[]))
         t["fid"].append(r["fid10k"]), t["wall"].append(r["wall_s"])
-    print(f"{'candidate':<22}{'seeds':>6}{'FID-10k mean ± std':>22}{'wall s (max)':>14}  within budget")
+    print(f"{'candidate':<22}{'runs':>6}{'FID-10k mean ± std':>22}{'wall s (max)':>14}  within budget")
     for name, t in sorted(table.items(), key=lambda kv: compare.mean_std(kv[1]["fid"])[0]):
         n, (mean, std) = len(t["fid"]), compare.mean_std(t["fid"])
         print(f"{name:<22}{n:>6}{f'{mean:.2f} ± {std:.2f}':>22}{max(t['wall']):>14.0f}  "
