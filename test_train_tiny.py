@@ -336,10 +336,10 @@ def test_h100_preset_is_the_quick_search_winner_as_measured(tmp_path):
     import quick_search  # the default quick check must be exactly the configuration whose FID and wall were timed
     (tmp_path / "d.zip").touch()
     args = argparse.Namespace(work=str(tmp_path), data=str(tmp_path / "d.zip"), fid_model="none")
-    _, _, _, argv, _ = quick_search.job("small_b256_cool", 0, args)
+    _, _, _, argv, _ = quick_search.job("small_b256_lr1e3", 0, args)
     measured, default = (vars(train_tiny.parse_args(a)) for a in (argv, argv[:argv.index("--evals")]))
     assert measured == default and (default["model"], default["steps"], default["dropout"]) == ("small", 7500, 0)
-    assert (default["batch_size"], default["lr"], default["cooldown"]) == (256, 7e-4, 1500)
+    assert (default["batch_size"], default["lr"], default["cooldown"]) == (256, 1e-3, 1500)
     assert default["eval_samplers"] == "ddpm250"
     old = vars(train_tiny.parse_args(quick_search.job("preset_18k_3evals", 0, args)[3]))
     assert old["steps"] == 18000 and (old["evals"], old["final_samples"]) == (3, 10000)

@@ -28,12 +28,12 @@ import compare  # noqa: E402
 # reference statistics + 68 s compiling the step + steps × batch / the steady rate (H100: small b256 10,580 img/s,
 # b128 8,930, tiny b128 14,150, small b512 11,810 = 1.12× b256) + the evaluation: 32 s (sampler compilation,
 # Inception, FD) + the sampling (small UNet DDPM-250 ≈ 44 s, tiny 23 s; other step counts scaled by steps) + 3 s
-# samples and checkpoint. Options the preset has changed since (batch 128 → 256, lr 5e-4 → 7e-4, cool-down 0 →
-# 1,500) are pinned, so that every candidate trains what it trained when it was measured. Setup, compiling and the
-# sampler's compilation run on the host's CPU: a slower host adds a minute or more (lease 5 in bench/README).
+# samples and checkpoint. Options the preset has changed since (batch 128 → 256, lr 5e-4 → 7e-4 → 1e-3, cool-down
+# 0 → 1,500) are pinned, so that every candidate trains what it trained when it was measured. Setup, compiling and
+# the sampler's compilation run on the host's CPU: a slower host adds a minute or more (lease 5 in bench/README).
 SMALL = "--model small --dropout 0 --eval-samplers ddpm250 "
 CANDIDATES = {  # name: train_tiny options on top of the h100 preset (warm-up 200, EMA 0.999, SpeeD)
-    "h100_preset": "",  # the default as a user runs it: since 2026-12-07 the winner, small_b256_cool
+    "h100_preset": "",  # the default as a user runs it: since 2026-12-07 the winner, small_b256_lr1e3
     # measured (bench/results/quick_search.json)
     "tiny_b128_20k": "--model tiny --dropout 0.1 --batch-size 128 --lr 5e-4 --cooldown 0 --steps 20000 "
                      "--eval-samplers ddpm250",
