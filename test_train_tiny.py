@@ -470,6 +470,34 @@ def test_h100_preset_compiles_unless_no_compile(tmp_path, data, monkeypatch):
     assert seen == [False]  # only on a GPU
 
 
+CHILD_ARCH, CHILD_N = dict(ch=8, ch_mult=(1,), num_blocks=1, attn_res=(), dropout=0.1, img_res=8), 6  # dropout: eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def child_compile(request, tmp_path_factory):
+    """train_tiny.precompile's child, started with this file's first test: it compiles (~30 s here) while they run;
+    the last test checks its cache. Started from another folder: the child finds train_tiny wherever it is run."""
+    if not any(t.name == "test_the_childs_compile_is_a_cache_hit_for_the_evaluation" for t in request.session.items):
+        yield None  # that test is not selected: no child
+        return
+    cache = tmp_path_factory.mktemp("inductor")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+        mp.setenv("OMP_NUM_THREADS", "1")  # as one_thread() sets this process: C++ kernels specialise on it
+        mp.chdir(cache)
+        child = train_tiny.precompile(CHILD_ARCH, (3, 8, 8), min(train_tiny.SAMPLE_BATCH, CHILD_N), "cpu", "linear",
+                                      str(cache / "compile.log"))
+    yield child, cache
+    child.kill()
+
+
+def test_sampler_net_compiles_static_shapes(monkeypatch):
+    seen = []  # the step compiled UNet.forward at the training batch first: the sampler's batch must not go dynamic
+    monkeypatch.setattr(torch, "compile", lambda m, **k: seen.append(k) or m)
+    net = nn.Linear(1, 1)
+    assert train_tiny.sampler_net(net) is net and seen == [dict(dynamic=False)]
+
+
 def test_evaluations_per_sampler_with_a_feature_net(tmp_path, data):
     fdnet = _script(FakeGeneric(), tmp_path / "fdnet.pt")
     out = tmp_path / "run"
@@ -695,3 +723,20 @@ def test_every_mutant_of_bench_mutations_still_applies_to_speed_py():
     source = open(os.path.join(HERE, "speed.py")).read()
     for name, edits in mutations.MUTANTS:
         assert mutations.apply(source, edits, name) != source, name
+
+
+def test_the_childs_compile_is_a_cache_hit_for_the_evaluation(child_compile, monkeypatch):
+    # the child compiled in a fresh process; the evaluation, after run()'s fast_math, must find its graph on disk
+    child, cache = child_compile
+    assert child.wait(timeout=600) == 0, (cache / "compile.log").read_text()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    train_tiny.fast_math()  # as run() starts
+    torch.manual_seed(1)  # other weights than the child's: the cache keys on the graph, not on the values
+    ema = speed.UNet(**CHILD_ARCH).eval().requires_grad_(False)
+    speed.ddpm_sample(train_tiny.sampler_net(ema), speed.make_schedule("linear"), CHILD_N, shape=(3, 8, 8),
+                      steps=2, device="cpu", batch_size=train_tiny.SAMPLE_BATCH)
+    hits = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"]
+    torch._dynamo.reset()
+    assert hits == 1

@@ -6,10 +6,11 @@
     python train_tiny.py --resume                       # continue after Ctrl-C (which checkpoints first)
     torchrun --nproc_per_node=2 train_tiny.py           # one model on 2 GPUs, data-parallel (--batch-size: global)
 
-Writes to --out: metrics.json (FD curve per sampler), samples.png, ckpt.pt. Comparisons: bench/compare.py.
+Writes to --out: metrics.json (FD curve per sampler), samples.png, ckpt.pt (compiling: compile.log, the sampler
+network's compile in a child process). Comparisons: bench/compare.py.
 """
 import argparse, ast, functools, hashlib, io, json, os, pickle, re, sys, tarfile, time  # noqa: E401
-import contextlib, urllib.request, zipfile, zlib  # noqa: E401
+import atexit, contextlib, subprocess, urllib.request, zipfile, zlib  # noqa: E401
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -23,6 +24,7 @@ SHARED_INCEPTION = os.path.join(SHARED, "inception", "inception-fid-fp16.pt")
 CIFAR10_URL, CIFAR10_MD5 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+SAMPLE_BATCH = 2500  # samples per sampler batch on a GPU: the fastest in bench/ (one CUDA graph, a fixed batch)
 MICRO = dict(ch=16, ch_mult=(1, 2), num_blocks=1, attn_res=(16,), dropout=0.0)  # the CPU smoke model
 DEFAULTS = dict(lr=5e-4, warmup=200, cooldown=0, eval_samplers="ddim25", limit=None, fid_model="inception",
                 compile=False)
@@ -213,6 +215,35 @@ def parse_samplers(text, T):
             raise OptionError(f"--eval-samplers {text}: {s!r} is not valid; valid: ddpmN or ddimN with 1 <= N <= {T}")
     return {s: (speed.ddpm_sample if m[1] == "ddpm" else speed.ddim_sample, int(m[2])) for s, m in found.items()}
 
+def fast_math():  # TF32 matmuls and convolutions, cuDNN picks the fastest kernels (the compile cache keys on these)
+    torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+def sampler_net(ema):
+    """The EMA network compiled for sampling. Static shapes: the training step compiled UNet.forward at the training
+    batch first, and a second batch size would otherwise get a dynamic-batch graph, slower to compile and to run."""
+    return torch.compile(ema, dynamic=False)
+
+def compile_sampler_net(arch, shape, batch, device, schedule="linear"):
+    """Compiles a fresh UNet(**arch) as the evaluation compiles its EMA network (sampler_net, the sampler's batch,
+    dtype and memory format). Run in a child process while the parent trains (precompile), it fills torch.compile's
+    on-disk cache, so that the parent's own compile later reads it: seconds instead of the ~50 s it costs the quick
+    check's CPU otherwise."""
+    fast_math()
+    fmt = torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format  # as train() has it
+    ema = speed.UNet(**arch).to(device, memory_format=fmt).eval().requires_grad_(False)
+    speed.ddim_sample(sampler_net(ema), speed.make_schedule(schedule), batch, shape=shape, steps=1, device=device,
+                      batch_size=batch)
+
+def precompile(arch, shape, batch, device, schedule, log_path):
+    """compile_sampler_net in a child process, its output in log_path; killed if this process exits first."""
+    code = (f"import train_tiny; train_tiny.compile_sampler_net({arch!r}, {shape!r}, {batch}, {str(device)!r}, "
+            f"{schedule!r})")
+    with open(log_path, "w") as log:
+        child = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                 stdout=log, stderr=subprocess.STDOUT)
+    atexit.register(child.kill)
+    return child
+
 def setup(args, metric=True):
     """Data (after --limit, --subset), its identity and (with metric) the feature net and the reference statistics."""
     images, labels = load_data(args.data, os.path.join(args.cache, "data"), args.limit)
@@ -246,7 +277,7 @@ def run(args):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     partial = os.path.join(args.out, "metrics.partial.json")  # wall_s counts every call of a resumed run
     t0 = time.time() - (json.load(open(partial))["wall_s"] if args.resume and os.path.exists(partial) else 0.0)
-    torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    fast_math()
     # the data, feature net and reference statistics: rank 0 first (it fetches and caches), the others read the data
     world > 1 and rank > 0 and dist.barrier()
     images, data, net, ref = setup(args, metric=rank == 0)
@@ -267,12 +298,24 @@ def run(args):
     every, shape, args.metric = max(1, args.steps // args.evals), tuple(images.shape[1:]), net and (
         "FID" if net.kind == "inception" else "FD-" + re.sub(r"^cifar10-|\.pt$", "", net.name.split(":")[0]))
     compile = args.compile and args.device.type == "cuda" and world == 1  # compile under DDP: not measured yet
-    fast = functools.cache(lambda ema: torch.compile(ema) if compile else ema)  # the EMA net to sample, compiled once
+    os.makedirs(args.out, exist_ok=True)
+    # the sampler's network compiles in a child process while this one trains (rank 0 alone evaluates)
+    child = compile and net and precompile(arch, shape, min(SAMPLE_BATCH, args.eval_samples), args.device,
+                                           args.schedule, os.path.join(args.out, "compile.log"))
+
+    @functools.cache
+    def fast(ema):  # the EMA network to sample with, compiled once (after the child's compile: from its cache)
+        if not compile:
+            return ema
+        t = time.time()
+        child and child.wait()
+        secs["compile_wait"] = time.time() - t  # 0 when the child finished during training
+        return sampler_net(ema)
 
     def draw(model, sampler, n, seed=12345):  # fixed noise: the same for every run and evaluation
         g = torch.Generator(args.device).manual_seed(seed)
         return sampler[0](model, schedule, n, shape=shape, steps=sampler[1], generator=g, device=args.device,
-                          batch_size=2500 if args.device.type == "cuda" else 500)  # 2500: as measured in bench/
+                          batch_size=SAMPLE_BATCH if args.device.type == "cuda" else 500)
 
     def fds(ema, n):  # {sampler: FD of n samples}
         return {s: fd_of_samples(net, draw(fast(ema), sampler, n), ref) for s, sampler in samplers.items() if net and n}
@@ -285,7 +328,6 @@ def run(args):
         secs["evals"] += time.time() - t
         write_metrics(args, result, data, t0, seconds=secs)
 
-    os.makedirs(args.out, exist_ok=True)
     try:
         result = speed.train(model, images, schedule, strategy, steps=args.steps, batch_size=args.batch_size,
                              lr=args.lr, warmup=args.warmup, cooldown=args.cooldown, ema_decay=args.ema_decay,

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import speed  # noqa: E402
+import train_tiny  # noqa: E402
 
 PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16, datasheet
 FWD_GFLOP = {"tiny": 0.84, "small": 3.2, "ddpm": 12.4}  # per 32x32 image (torch.utils.flop_counter)
@@ -159,29 +160,36 @@ def profile_sample(batch=2500, steps=50, device="cuda"):
                 top_kernels_ms=top8(by_name))
 
 
-def compile_breakdown(size="small", batch=256, steps=40, sample_batch=2500, device="cuda"):
+def compile_breakdown(size="small", batch=256, steps=40, sample_batch=2500, device="cuda", child=False):
     """Where the quick check's compiling goes, from empty caches: seconds to the end of the first `steps` steps (the
-    preset's UNet, dropout 0, compiled inside the whole-step graph) and to the first sampler batch of its EMA network
-    (compiled, bf16, channels-last: as train_tiny samples), each with Dynamo's split of its compile time."""
+    preset's UNet, dropout 0, compiled inside the whole-step graph) and to the first sampler call of its EMA network
+    (train_tiny.sampler_net at batch `sample_batch`, bf16, channels-last: as train_tiny samples), each with Dynamo's
+    split of its compile time. child: as train_tiny does, train_tiny.precompile compiles the sampler's network in a
+    child process from the start of training, and the sampler's own compile reads its cache."""
     cache = tempfile.mkdtemp(prefix="inductor-")  # a cold cache, as a new user has: nothing compiled before
     os.environ.update(TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    train_tiny.fast_math()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    phases = torch._dynamo.utils.calculate_time_spent  # cumulative seconds per phase (tracing, Inductor, ...)
+    since = dict(torch._dynamo.utils.calculate_time_spent())  # cumulative seconds per phase (tracing, Inductor, ...)
+    phases = lambda: {k: v - since.get(k, 0.0) for k, v in torch._dynamo.utils.calculate_time_spent().items()}  # noqa
+    proc = child and train_tiny.precompile({**speed.UNET_SIZES[size], "dropout": 0.0}, (3, 32, 32), sample_batch,
+                                           device, "linear", os.path.join(cache, "compile.log"))
     t = time.perf_counter()
     r = run_train(speed, size, batch, steps, dict(dropout=0.0), device=device, compile=True)
-    out = dict(steps=steps, step_first_s=time.perf_counter() - t, step_phases=dict(phases()),
+    out = dict(steps=steps, child=bool(child), step_first_s=time.perf_counter() - t, step_phases=phases(),
                step_img_s=r.history[-1]["img_per_s"])  # the last half: compiled and captured
-    fmt = torch.channels_last if device == "cuda" else torch.contiguous_format
-    x = torch.randn(sample_batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
-    ts, net, walls = torch.zeros(1, dtype=torch.long, device=device).expand(sample_batch), torch.compile(r.ema), []
-    for _ in range(2):  # the first call compiles, the second runs
+    t = time.perf_counter()
+    proc and proc.wait()
+    out["child_wait_s"], net, walls = time.perf_counter() - t, train_tiny.sampler_net(r.ema), []
+    for _ in range(2):  # the first call compiles, the second runs (one reverse step of sample_batch images)
         t = time.perf_counter()
-        with torch.no_grad(), torch.autocast(device, torch.bfloat16):
-            net(x, ts)
+        speed.ddim_sample(net, speed.make_schedule(), sample_batch, steps=1, batch_size=sample_batch, device=device)
         sync()
         walls.append(time.perf_counter() - t)
-    out.update(sampler_net_first_s=walls[0], sampler_net_second_s=walls[1], all_phases=dict(phases()),
+    out.update(sampler_net_first_s=walls[0], sampler_net_second_s=walls[1], all_phases=phases(),
+               fxgraph_cache_hits=torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"],
                table=torch._dynamo.utils.compile_times(repr="str", aggregate=True))
     shutil.rmtree(cache, ignore_errors=True)
     return out
@@ -224,7 +232,7 @@ def main():
     p.add_argument("--before", default=None, help="the previous speed.py, for train_img_s_tiny_before")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speed.json"))
     parts = ("train", "sizes", "small_batches", "profile", "profile_ddpm", "ops_ddpm", "sample", "profile_sample", "fd",
-             "inception", "before", "compile")
+             "inception", "before", "compile", "compile_child")
     p.add_argument("--only", default=",".join(parts), help="comma-separated parts: " + ",".join(parts))
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -309,11 +317,16 @@ def main():
         log(f"before (network graphed by torch.compile): {res['train_img_s_tiny_before']:.0f} img/s "
             f"({time.perf_counter() - t:.0f} s with compilation)")
 
-    def compile_part():  # the quick check's compiling (≈ 58 s for the step, ≈ 25 s for the sampler): where it goes
-        raw["compile_small_b256"] = r = compile_breakdown()
+    def compile_part(child=False):  # the quick check's compiling (lease 6: step 112 s, sampler 52 s): where it goes
+        raw["compile_small_b256_static" + ("_child" if child else "")] = r = compile_breakdown(child=child)
         log(r.pop("table"))
-        log(f"compile: first {r['steps']} steps {r['step_first_s']:.1f} s, sampler network first call "
-            f"{r['sampler_net_first_s']:.1f} s (then {r['sampler_net_second_s']:.2f} s); phases {r['all_phases']}")
+        log(f"compile (child {child}): first {r['steps']} steps {r['step_first_s']:.1f} s at {r['step_img_s']:.0f} "
+            f"img/s, waiting for the child {r['child_wait_s']:.1f} s, sampler network first call "
+            f"{r['sampler_net_first_s']:.1f} s (then {r['sampler_net_second_s']:.2f} s, cache hits "
+            f"{r['fxgraph_cache_hits']}); phases {r['all_phases']}")
+
+    def compile_child_part():  # the same with train_tiny's child process compiling the sampler's network meanwhile
+        compile_part(child=True)
 
     for name in args.only.split(","):
         try:
