@@ -298,9 +298,10 @@ def run(args):
     every, shape, args.metric = max(1, args.steps // args.evals), tuple(images.shape[1:]), net and (
         "FID" if net.kind == "inception" else "FD-" + re.sub(r"^cifar10-|\.pt$", "", net.name.split(":")[0]))
     compile = args.compile and args.device.type == "cuda" and world == 1  # compile under DDP: not measured yet
+    sample_batch = SAMPLE_BATCH if args.device.type == "cuda" else 500
     os.makedirs(args.out, exist_ok=True)
     # the sampler's network compiles in a child process while this one trains (rank 0 alone evaluates)
-    child = compile and net and precompile(arch, shape, min(SAMPLE_BATCH, args.eval_samples), args.device,
+    child = compile and net and precompile(arch, shape, min(sample_batch, args.eval_samples), args.device,
                                            args.schedule, os.path.join(args.out, "compile.log"))
 
     @functools.cache
@@ -308,14 +309,16 @@ def run(args):
         if not compile:
             return ema
         t = time.time()
-        child and child.wait()
+        if child and child.wait():  # it failed (out of memory?): this process compiles the network itself
+            print(f"train_tiny: compiling the sampler's network ahead failed (see "
+                  f"{os.path.join(args.out, 'compile.log')}); compiling it now", file=sys.stderr)
         secs["compile_wait"] = time.time() - t  # 0 when the child finished during training
         return sampler_net(ema)
 
     def draw(model, sampler, n, seed=12345):  # fixed noise: the same for every run and evaluation
         g = torch.Generator(args.device).manual_seed(seed)
         return sampler[0](model, schedule, n, shape=shape, steps=sampler[1], generator=g, device=args.device,
-                          batch_size=SAMPLE_BATCH if args.device.type == "cuda" else 500)
+                          batch_size=sample_batch)
 
     def fds(ema, n):  # {sampler: FD of n samples}
         return {s: fd_of_samples(net, draw(fast(ema), sampler, n), ref) for s, sampler in samplers.items() if net and n}
