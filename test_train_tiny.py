@@ -358,6 +358,16 @@ def test_quick_search_result_reads_the_fid_and_names_the_host(tmp_path):
     assert quick_search.result("h100_preset", str(tmp_path), 350.0)["fid10k"] == 15.9
 
 
+def test_quick_search_summary_counts_a_rerun_elsewhere_as_a_run_of_its_candidate():
+    import quick_search  # a seed rerun on another lease is keyed name_sSEED@lease: its own entry, the same candidate
+    r = lambda fid, wall: dict(fid10k=fid, wall_s=wall)  # noqa: E731
+    rows = quick_search.summary({"a_b_s0": r(17.0, 350), "a_b_s1": r(18.0, 340), "a_b_s0@lease6": r(16.0, 415),
+                                 "c_s0": r(16.5, 300)})
+    assert list(rows) == ["c", "a_b"]  # best mean FID first
+    assert rows["a_b"] == (3, pytest.approx(17.0), pytest.approx(1.0), 415)
+    assert rows["c"] == (1, 16.5, 0.0, 300)
+
+
 def _assert_same_run(now, ran, where):
     """Parsed options `now` train what a committed run's recorded config `ran` trained (runs from before --dropout
     recorded None: the size's dropout)."""

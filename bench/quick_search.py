@@ -88,6 +88,17 @@ def result(name, out, wall):
                 seconds=m.get("seconds"), host=host())  # seconds: setup (data, reference stats), evals, final
 
 
+def summary(results):
+    """{candidate: (runs, FID mean, FID std, max wall)}, best FID first. Keys are name_sSEED, or name_sSEED@lease for
+    a rerun of that seed on another lease (it never overwrites the first run and counts as a run of its candidate)."""
+    table = {}
+    for key, r in results.items():
+        t = table.setdefault(re.sub(r"_s\d+(@\w+)?$", "", key), dict(fid=[], wall=[]))
+        t["fid"].append(r["fid10k"]), t["wall"].append(r["wall_s"])
+    rows = {name: (len(t["fid"]), *compare.mean_std(t["fid"]), max(t["wall"])) for name, t in table.items()}
+    return dict(sorted(rows.items(), key=lambda kv: kv[1][1]))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--data", required=True)
@@ -123,15 +134,10 @@ def main():
     with open(args.out + ".tmp", "w") as f:
         json.dump(results, f, indent=1)
     os.replace(args.out + ".tmp", args.out)
-    table = {}  # candidate: FIDs and walls over its runs (key name_sSEED, or name_sSEED@lease for a rerun elsewhere)
-    for key, r in results.items():
-        t = table.setdefault(re.sub(r"_s\d+(@\w+)?$", "", key), dict(fid=[], wall=[]))
-        t["fid"].append(r["fid10k"]), t["wall"].append(r["wall_s"])
     print(f"{'candidate':<22}{'runs':>6}{'FID-10k mean ± std':>22}{'wall s (max)':>14}  within budget")
-    for name, t in sorted(table.items(), key=lambda kv: compare.mean_std(kv[1]["fid"])[0]):
-        n, (mean, std) = len(t["fid"]), compare.mean_std(t["fid"])
-        print(f"{name:<22}{n:>6}{f'{mean:.2f} ± {std:.2f}':>22}{max(t['wall']):>14.0f}  "
-              f"{'yes' if max(t['wall']) <= args.budget_s else 'no'}")
+    for name, (n, mean, std, wall) in summary(results).items():
+        ok = "yes" if wall <= args.budget_s else "no"
+        print(f"{name:<22}{n:>6}{f'{mean:.2f} ± {std:.2f}':>22}{wall:>14.0f}  {ok}")
 
 
 if __name__ == "__main__":
