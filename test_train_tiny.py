@@ -495,7 +495,7 @@ def child_compile(request, tmp_path_factory):
         mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
         mp.setenv("OMP_NUM_THREADS", "1")  # as one_thread() sets this process: C++ kernels specialise on it
         mp.chdir(cache)
-        child = train_tiny.precompile(CHILD_ARCH, (3, 8, 8), min(train_tiny.SAMPLE_BATCH, CHILD_N), "cpu", "linear",
+        child = train_tiny.precompile(CHILD_ARCH, (3, 8, 8), min(train_tiny.SAMPLE_BATCH, CHILD_N), "cpu",
                                       str(cache / "compile.log"))
     yield child, cache
     child.kill()
@@ -745,7 +745,7 @@ def test_the_childs_compile_is_a_cache_hit_for_the_evaluation(child_compile, mon
     train_tiny.fast_math()  # as run() starts
     torch.manual_seed(1)  # other weights than the child's: the cache keys on the graph, not on the values
     ema = speed.UNet(**CHILD_ARCH).eval().requires_grad_(False)
-    speed.ddpm_sample(train_tiny.sampler_net(ema), speed.make_schedule("linear"), CHILD_N, shape=(3, 8, 8),
+    speed.ddpm_sample(train_tiny.sampler_net(ema), speed.make_schedule("cosine"), CHILD_N, shape=(3, 8, 8),
                       steps=2, device="cpu", batch_size=train_tiny.SAMPLE_BATCH)
     hits = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"]
     torch._dynamo.reset()

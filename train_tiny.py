@@ -223,21 +223,20 @@ def sampler_net(ema):
     batch first, and a second batch size would otherwise get a dynamic-batch graph, slower to compile and to run."""
     return torch.compile(ema, dynamic=False)
 
-def compile_sampler_net(arch, shape, batch, device, schedule="linear"):
+def compile_sampler_net(arch, shape, batch, device):
     """Compiles a fresh UNet(**arch) as the evaluation compiles its EMA network (sampler_net, the sampler's batch,
     dtype and memory format). Run in a child process while the parent trains (precompile), it fills torch.compile's
     on-disk cache, so that the parent's own compile later reads it: seconds instead of the ~50 s it costs the quick
-    check's CPU otherwise."""
+    check's CPU otherwise. The noise schedule does not enter the network's graph: the default one serves."""
     fast_math()
     fmt = torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format  # as train() has it
     ema = speed.UNet(**arch).to(device, memory_format=fmt).eval().requires_grad_(False)
-    speed.ddim_sample(sampler_net(ema), speed.make_schedule(schedule), batch, shape=shape, steps=1, device=device,
+    speed.ddim_sample(sampler_net(ema), speed.make_schedule(), batch, shape=shape, steps=1, device=device,
                       batch_size=batch)
 
-def precompile(arch, shape, batch, device, schedule, log_path):
+def precompile(arch, shape, batch, device, log_path):
     """compile_sampler_net in a child process, its output in log_path; killed if this process exits first."""
-    code = (f"import train_tiny; train_tiny.compile_sampler_net({arch!r}, {shape!r}, {batch}, {str(device)!r}, "
-            f"{schedule!r})")
+    code = f"import train_tiny; train_tiny.compile_sampler_net({arch!r}, {shape!r}, {batch}, {str(device)!r})"
     with open(log_path, "w") as log:
         child = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
                                  stdout=log, stderr=subprocess.STDOUT)
@@ -302,7 +301,7 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     # the sampler's network compiles in a child process while this one trains (rank 0 alone evaluates)
     child = compile and net and precompile(arch, shape, min(sample_batch, args.eval_samples), args.device,
-                                           args.schedule, os.path.join(args.out, "compile.log"))
+                                           os.path.join(args.out, "compile.log"))
 
     @functools.cache
     def fast(ema):  # the EMA network to sample with, compiled once (after the child's compile: from its cache)

@@ -175,7 +175,7 @@ def compile_breakdown(size="small", batch=256, steps=40, sample_batch=2500, devi
     since = dict(torch._dynamo.utils.calculate_time_spent())  # cumulative seconds per phase (tracing, Inductor, ...)
     phases = lambda: {k: v - since.get(k, 0.0) for k, v in torch._dynamo.utils.calculate_time_spent().items()}  # noqa
     proc = child and train_tiny.precompile({**speed.UNET_SIZES[size], "dropout": 0.0}, (3, 32, 32), sample_batch,
-                                           device, "linear", os.path.join(cache, "compile.log"))
+                                           device, os.path.join(cache, "compile.log"))
     t = time.perf_counter()
     r = run_train(speed, size, batch, steps, dict(dropout=0.0), device=device, compile=True)
     out = dict(steps=steps, child=bool(child), step_first_s=time.perf_counter() - t, step_phases=phases(),
