@@ -480,7 +480,252 @@ def test_h100_preset_compiles_unless_no_compile(tmp_path, data, monkeypatch):
     assert seen == [False]  # only on a GPU
 
 
-from conftest import CHILD_ARCH, CHILD_N  # noqa: E402 - the children compile these from the suite's start
+CHILD_ARCH, CHILD_N = dict(ch=8, ch_mult=(1,), num_blocks=1, attn_res=(), dropout=0.1, img_res=8), 6  # dropout: eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def child_compile(request, tmp_path_factory):
+    """train_tiny.precompile's child, started with this file's first test: it compiles (~30 s here) while they run;
+    the last test checks its cache. Started from another folder: the child finds train_tiny wherever it is run."""
+    if not any(t.name == "test_the_childs_compile_is_a_cache_hit_for_the_evaluation" for t in request.session.items):
+        yield None  # that test is not selected: no child
+        return
+    cache = tmp_path_factory.mktemp("inductor")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+        mp.setenv("OMP_NUM_THREADS", "1")  # as one_thread() sets this process: C++ kernels specialise on it
+        mp.chdir(cache)
+        child = train_tiny.precompile(CHILD_ARCH, (3, 8, 8), min(train_tiny.SAMPLE_BATCH, CHILD_N), "cpu",
+                                      str(cache / "compile.log"))
+    yield child, cache
+    child.kill()
+
+
+def test_sampler_net_compiles_static_shapes(monkeypatch):
+    seen = []  # the step compiled UNet.forward at the training batch first: the sampler's batch must not go dynamic
+    monkeypatch.setattr(torch, "compile", lambda m, **k: seen.append(k) or m)
+    net = nn.Linear(1, 1)
+    assert train_tiny.sampler_net(net) is net and seen == [dict(dynamic=False)]
+
+
+def test_evaluations_per_sampler_with_a_feature_net(tmp_path, data):
+    fdnet = _script(FakeGeneric(), tmp_path / "fdnet.pt")
+    out = tmp_path / "run"
+    assert train_tiny.main(_argv(data, out, "--steps", "4", "--evals", "2", "--fid-model", fdnet,
+                                 "--eval-samplers", "ddpm3,ddim2", "--eval-samples", "8", "--final-samples", "12")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["metric"] == "FD-fdnet" and list(m["evals"]) == ["ddpm3", "ddim2"]
+    assert all([s for s, _ in c] == [2, 4] and all(math.isfinite(f) for _, f in c) for c in m["evals"].values())
+    assert set(m["final"]) == {"ddpm3", "ddim2"} and m["final_samples"] == 12
+    assert torch.load(out / "ckpt.pt", weights_only=True)["extra"]["evals"] == m["evals"]
+    sub = tmp_path / "sub"  # --subset: a fixed class-balanced subset, the reference statistics of it
+    assert train_tiny.main(_argv(data, sub, "--steps", "2", "--evals", "1", "--subset", "6", "--fid-model", fdnet,
+                                 "--eval-samples", "4")) == 0
+    assert json.loads((sub / "metrics.json").read_text())["data"]["images"] == 6
+
+
+def test_metrics_say_where_the_time_went(tmp_path, data, monkeypatch):
+    real = train_tiny.fd_of_samples  # each FD takes 0.1 s longer: 2 evaluations x 2 samplers, then a final of 2
+
+    def slow(*a):
+        time.sleep(0.1)
+        return real(*a)
+    monkeypatch.setattr(train_tiny, "fd_of_samples", slow)
+    out = tmp_path / "run"
+    assert train_tiny.main(_argv(data, out, "--steps", "2", "--evals", "2", "--fid-model", _script(
+        FakeGeneric(), tmp_path / "fdnet.pt"), "--eval-samplers", "ddpm3,ddim2", "--eval-samples", "4",
+        "--final-samples", "4")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    secs = m["seconds"]
+    assert secs["evals"] >= 0.4 and 0.2 <= secs["final"] < secs["evals"] and secs["setup"] > 0
+    assert sum(secs.values()) <= m["wall_s"]
+
+
+# ---- bench/compare.py: speed-ups, summary, launching ---------------------------------------------
+
+def test_steps_to_reach_interpolates_the_first_crossing():
+    steps = [100, 200, 300]
+    assert compare.steps_to_reach(steps, [10.0, 8.0, 4.0], 6.0) == 250.0
+    assert compare.steps_to_reach(steps, [10.0, 8.0, 4.0], 8.0) == 200.0
+    assert compare.steps_to_reach(steps, [5.0, 4.0, 3.0], 6.0) == 100.0
+    assert compare.steps_to_reach(steps, [10.0, 8.0, 4.0], 3.0) is None
+    assert compare.steps_to_reach([10, 20, 30, 40], [9.0, 5.0, 7.0, 3.0], 6.0) == 17.5  # first crossing
+    base_steps, base = [10, 20, 30, 40], [9.0, 7.0, 6.0, 5.5]
+    factor, need = compare.speedup(base_steps, base, [10, 20, 30, 40], [8.0, 4.0, 3.0, 2.0])
+    assert need == pytest.approx(10 + 10 * 2.5 / 4) and factor == pytest.approx(40 / need)
+    assert compare.speedup(base_steps, base, base_steps, base) == (1.0, 40.0)
+    assert compare.speedup(base_steps, base, base_steps, [9.0, 8.0, 7.0, 6.0]) == (None, None)
+
+
+def _fake_run(out, spec, seed, evals, final=None, finished=True):
+    d = compare.run_dir(str(out), spec, seed)
+    os.makedirs(d, exist_ok=True)
+    m = dict(strategy=spec, seed=seed, metric="FID", evals=evals, final=final, final_samples=100, finished=finished,
+             steps=max(s for c in evals.values() for s, _ in c), wall_s=1.0, data={}, device="cpu",
+             config=dict(eval_samples=50))
+    with open(os.path.join(d, "metrics.json" if finished else "metrics.partial.json"), "w") as f:
+        json.dump(m, f)
+
+
+def _curve(*fds):  # an evaluation curve [[step, quality], ...] at steps 10, 20, ...
+    return [[10 * (i + 1), f] for i, f in enumerate(fds)]
+
+
+def test_summary_per_sampler_per_seed_and_mean_curve(tmp_path):
+    _fake_run(tmp_path, "uniform", 0, dict(ddpm=_curve(10, 8, 6, 4), ddim=_curve(12, 10, 9, 8)),
+              final=dict(ddpm=3.5, ddim=7.5))
+    _fake_run(tmp_path, "uniform", 1, dict(ddpm=_curve(10, 8, 6, 6), ddim=_curve(12, 10, 9, 8)),
+              final=dict(ddpm=3.9, ddim=7.9))
+    _fake_run(tmp_path, "speed", 0, dict(ddpm=_curve(8, 4, 3, 2), ddim=_curve(12, 11, 10, 9)),
+              final=dict(ddpm=1.5, ddim=8.5))
+    _fake_run(tmp_path, "speed", 1, dict(ddpm=_curve(9, 5, 4), ddim=_curve(12, 11, 10)), finished=False)  # at step 30
+    s = compare.summarize(str(tmp_path), ["uniform", "speed"], [0, 1], quiet=True)
+    assert s["samplers"] == ["ddpm", "ddim"] and s["curves"]["ddpm"]["uniform"]["steps"] == [10, 20, 30]
+    uni, sp = s["rows"]
+    assert uni["ddpm"]["speedup_mean_curve"] == 1.0 and uni["ddpm"]["final_mean"] == pytest.approx(3.7)
+    assert sp["ddpm"]["final_mean"] == pytest.approx((1.5 + 4) / 2)  # an unfinished run: its last evaluation
+    assert sp["ddpm"]["final_samples"] == [50, 100]
+    # uniform's mean curve 10, 8, 6 ends at 6; speed's mean 8.5, 4.5, 3.5 reaches 6 at 10 + 10 * 2.5 / 4
+    assert sp["ddpm"]["steps_to_base_final"] == pytest.approx(16.25)
+    assert sp["ddpm"]["speedup_mean_curve"] == pytest.approx(30 / 16.25)
+    # per seed, against the same seed's baseline: seed 0 reaches 6 at 10 + 10 * 2 / 4 = 15, seed 1 at 17.5
+    assert sp["ddpm"]["speedup_per_seed"] == {"0": pytest.approx(2.0), "1": pytest.approx(30 / 17.5)}
+    assert sp["ddim"]["speedup_mean_curve"] is None and sp["ddim"]["not_reached_seeds"] == 2
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert set(saved["runs"]) == {"uniform_s0", "uniform_s1", "speed_s0", "speed_s1"}
+    assert saved["runs"]["speed_s1"]["finished"] is False and saved["runs"]["speed_s1"]["evals"]["ddpm"][-1] == [30, 4]
+    table = (tmp_path / "compare.md").read_text()
+    assert "ddpm" in table and "ddim" in table and "1.85×" in table and (tmp_path / "compare.png").exists()
+
+
+def test_summary_reads_missing_runs_from_another_arm(tmp_path, capsys):
+    full, attrib = tmp_path / "full", tmp_path / "attrib"
+    _fake_run(full, "uniform", 0, dict(ddpm=_curve(10, 8, 6, 4)))
+    _fake_run(attrib, "uniform", 0, dict(ddpm=_curve(10, 8, 6, 2)))     # another arm's own uniform run wins
+    _fake_run(full, "uniform", 1, dict(ddpm=_curve(10, 8, 6, 4)))
+    _fake_run(attrib, "speed:k=1", 0, dict(ddpm=_curve(8, 4, 3, 2)))
+    argv = ["--strategies", "uniform,speed:k=1", "--seeds", "0,1", "--out", str(attrib)]
+    assert compare.main(argv + ["--summarize", "--runs-from", str(full)]) == 0
+    s = json.loads((attrib / "compare.json").read_text())
+    assert s["runs"]["uniform_s0"]["folder"] == "uniform_s0" and s["runs"]["uniform_s1"]["folder"] == "../full/uniform_s1"
+    assert s["curves"]["ddpm"]["uniform"]["per_seed"] == {"0": [10, 8, 6, 2], "1": [10, 8, 6, 4]}
+    assert s["rows"][1]["ddpm"]["speedup_per_seed"]["0"] == pytest.approx(1.0)  # reaches uniform's 2 at step 40
+    assert compare.main(argv + ["--runs-from", str(full)]) == 2 and "--runs-from" in capsys.readouterr().err
+
+
+def test_no_speedup_from_fewer_than_three_evaluations(tmp_path):
+    _fake_run(tmp_path, "uniform", 0, dict(ddim=[[10, 9.0], [20, 4.0]]))
+    _fake_run(tmp_path, "speed", 0, dict(ddim=[[10, 5.0], [20, 2.0]]))
+    s = compare.summarize(str(tmp_path), ["uniform", "speed"], [0], quiet=True)
+    for row in s["rows"]:
+        assert row["ddim"]["speedup_mean_curve"] is None and "at least 3" in row["ddim"]["note"]
+    assert "×" not in (tmp_path / "compare.md").read_text()
+
+
+def test_protocol_report_tables_each_arm_with_per_seed_speedups_and_best_points(tmp_path, monkeypatch):
+    import protocol_report
+    full, small = tmp_path / "full", tmp_path / "small"
+    _fake_run(full, "uniform", 0, dict(ddpm=_curve(10, 8, 6)), final=dict(ddpm=5.5))
+    _fake_run(full, "uniform", 1, dict(ddpm=_curve(10, 8, 4)), final=dict(ddpm=4.5))
+    _fake_run(full, "speed", 0, dict(ddpm=_curve(8, 4, 5)), final=dict(ddpm=4.0))  # best point 4 at 20, not the last
+    _fake_run(full, "speed", 1, dict(ddpm=_curve(9, 9, 9)), final=dict(ddpm=9.0))  # never reaches its baseline's 4
+    _fake_run(small, "uniform", 0, dict(ddpm=_curve(20, 18, 16)), final=dict(ddpm=15.0))
+    _fake_run(small, "speed", 0, dict(ddpm=_curve(20, 16, 15)), final=dict(ddpm=14.0))
+    compare.summarize(str(full), ["uniform", "speed"], [0, 1], quiet=True)
+    compare.summarize(str(small), ["uniform", "speed"], [0], quiet=True)
+    monkeypatch.setattr(sys, "argv", ["protocol_report.py", "--folder", str(tmp_path)])
+    protocol_report.main()
+    report = (tmp_path / "report.md").read_text()
+    full_part, small_part = report.split("## small")
+    speed_full = next(line for line in full_part.splitlines() if line.startswith("| speed |"))
+    cells = [x.strip() for x in speed_full.strip("|").split("|")]
+    assert cells[:3] == ["speed", "2", f"6.50 ± {2.5 * 2 ** 0.5:.2f}"]  # FID-10k mean ± std over the two seeds
+    assert cells[3] == "6.50 at 15"  # best of each seed's curve (4 at 20, 9 at 10), averaged: not the last points
+    # uniform's mean curve 10, 8, 5 ends at 5; speed's mean 8.5, 6.5, 7 never reaches it; per seed: seed 0 reaches
+    # uniform seed 0's 6 at 10 + 10 * 2 / 4 = 15 (30 / 15 = 2), seed 1 never reaches 4
+    assert cells[4] == "not reached (2.00, not reached)"
+    speed_small = next(line for line in small_part.splitlines() if line.startswith("| speed |"))
+    assert "14.00 |" in speed_small and "±" not in speed_small.split("|")[3]  # one seed: no spread
+    assert (tmp_path / "protocol.png").stat().st_size > 0
+
+
+def test_profile_groups_kernels_by_kind():
+    import bench_speed  # the ddpm profile's breakdown (issue 11): fused Triton kernels are not counted as convolutions
+    kinds = {"void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>": "matmul/conv",
+             "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "matmul/conv",
+             "triton_tem_fused_mm_3": "matmul/conv",
+             "triton_poi_fused_convolution_backward_native_group_norm_7": "fused by torch.compile",
+             "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>": "attention",
+             "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel_group_norm": "normalization",
+             "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "other"}
+    assert {name: bench_speed.kernel_kind(name) for name in kinds} == kinds
+
+
+def test_profile_table_counts_kernels_not_compiled_graph_ranges():
+    import bench_speed  # op-by-op profiles also hold '## Call CompiledFxGraph' ranges spanning the graph's kernels
+    from types import SimpleNamespace as NS
+    cuda, cpu = bench_speed.torch.autograd.DeviceType.CUDA, bench_speed.torch.autograd.DeviceType.CPU
+
+    def ev(name, us, device=cuda):
+        return NS(name=name, device_type=device, time_range=NS(elapsed_us=lambda: us))
+    events = [ev("## Call CompiledFxGraph fabc ##", 900.0), ev("sm90_xmma_fprop_implicit_gemm", 300.0),
+              ev("triton_poi_fused_add_3", 200.0), ev("triton_poi_fused_add_3", 100.0), ev("aten::copy_", 50.0, cpu)]
+    by_kind, by_name, per_step = bench_speed.kernel_table(NS(events=lambda: events), steps=2)
+    assert by_kind == pytest.approx({"matmul/conv": 0.15, "fused by torch.compile": 0.15}) and per_step == 1.5
+    assert by_name["triton_poi_fused_add_3"] == pytest.approx(0.15)
+
+
+def test_launch_packs_runs_per_gpu_and_reports_failures(tmp_path, monkeypatch):
+    fake = tmp_path / "fake.py"
+    fake.write_text("import json, os, sys, time\nd = sys.argv[sys.argv.index('--out') + 1]\ntime.sleep(0.3)\n"
+                    "json.dump(dict(gpu=os.environ.get('CUDA_VISIBLE_DEVICES'), omp=os.environ['OMP_NUM_THREADS'],\n"
+                    "               extra=os.environ.get('EXTRA_VAR'), t=time.time()),\n"
+                    "          open(os.path.join(d, 'env.json'), 'w'))\n"
+                    "sys.exit(3 if 'fail' in d else 0)\n")
+    monkeypatch.setattr(compare, "TRAIN_TINY", str(fake))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    jobs = [(f"s{i}", 0, str(tmp_path / ("fail" if i == 4 else f"r{i}")), ["--out", str(tmp_path / (
+        "fail" if i == 4 else f"r{i}"))]) for i in range(5)]
+    jobs[1] += ({"EXTRA_VAR": "x"},)  # a job's own environment on top
+    walls = {}
+    failed = compare.launch(jobs, gpus=[0, 1], per_gpu=2, prepare=False, walls=walls)
+    assert failed == [("s4", 0, 3)]
+    assert set(walls) == {(f"s{i}", 0) for i in range(4)} and all(0.3 <= w < 30 for w in walls.values())
+    envs = [json.load(open(os.path.join(j[2], "env.json"))) for j in jobs]
+    assert [e["extra"] for e in envs] == [None, "x", None, None, None]
+    assert [e["gpu"] for e in envs[:4]] == ["0", "0", "1", "1"] and envs[4]["gpu"] in ("0", "1")
+    assert {e["omp"] for e in envs} == {"2"}  # 8 cores over 4 slots
+    assert os.path.exists(tmp_path / "fail" / "log.txt")
+
+
+def test_compare_rejects_bad_options_before_any_run(tmp_path, monkeypatch, capsys, data):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(compare, "launch", lambda *a, **k: 1 / 0)
+    for argv, says in [(["--strategies", "uniform,nonsense"], "--strategy nonsense"),
+                       (["--strategies", "uniform", "--", "--steps", "0"], "--steps"),
+                       (["--strategies", "uniform", "--", "--seed", "1"], "--seed: set per run"),
+                       (["--strategies", "uniform", "--per-gpu", "0"], "--per-gpu")]:
+        assert compare.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("compare: ") and says in err[0], err
+    assert os.listdir(tmp_path) == []
+
+
+def test_compare_end_to_end_then_resume_skips_finished_runs(tmp_path, data, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fdnet = _script(FakeGeneric(), tmp_path / "fdnet.pt")
+    run_args = ["--preset", "cpu", "--data", data["zip"], "--cache", data["cache"], "--batch-size", "2", "--steps", "6",
+                "--evals", "3", "--fid-model", fdnet, "--eval-samplers", "ddpm3,ddim2", "--eval-samples", "8"]
+    argv = ["--strategies", "uniform,speed", "--seeds", "0", "--out", "cmp", "--per-gpu", "2", "--", *run_args]
+    assert compare.main(argv) == 0
+    s = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert set(s["runs"]) == {"uniform_s0", "speed_s0"} and s["samplers"] == ["ddpm3", "ddim2"]
+    assert all([st for st, _ in r["evals"]["ddim2"]] == [2, 4, 6] for r in s["runs"].values())
+    assert s["rows"][0]["ddpm3"]["speedup_mean_curve"] == 1.0
+    launched = []
+    monkeypatch.setattr(compare, "launch", lambda jobs, *a, **k: launched.extend(jobs) or [])
+    assert compare.main(argv) == 2                     # finished runs there: --resume or another --out
+    assert compare.main(["--resume", *argv]) == 0 and launched == []
 
 
 def test_every_mutant_of_bench_mutations_still_applies_to_speed_py():
@@ -490,28 +735,9 @@ def test_every_mutant_of_bench_mutations_still_applies_to_speed_py():
         assert mutations.apply(source, edits, name) != source, name
 
 
-def test_the_step_childs_compile_is_a_cache_hit_for_training(child_compiles, monkeypatch):
-    # the child compiled one step of a fresh UNet in a fresh process; training another, as run() trains it, must find
-    # both of its graphs (forward, backward) and the autograd graph around them on disk
-    child, _, cache = child_compiles
-    assert child.wait(timeout=600) == 0, (cache / "compile.log").read_text()
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    train_tiny.fast_math()  # as run() starts
-    torch.manual_seed(1)  # other weights, data, strategy and schedule than the child's: none enter the graphs
-    images, schedule = torch.randint(0, 256, (2 * CHILD_N, 3, 8, 8), dtype=torch.uint8), speed.make_schedule("cosine")
-    speed.train(speed.UNet(**CHILD_ARCH), images, schedule, speed.make_strategy("speed", schedule), steps=1,
-                batch_size=CHILD_N, compile=True, device="cpu", progress=False, seed=3)
-    counters = torch._dynamo.utils.counters
-    hits = counters["inductor"]["fxgraph_cache_hit"], counters["aot_autograd"]["autograd_cache_hit"]
-    torch._dynamo.reset()
-    assert hits == (2, 1)
-
-
-def test_the_childs_compile_is_a_cache_hit_for_the_evaluation(child_compiles, monkeypatch):
+def test_the_childs_compile_is_a_cache_hit_for_the_evaluation(child_compile, monkeypatch):
     # the child compiled in a fresh process; the evaluation, after run()'s fast_math, must find its graph on disk
-    _, child, cache = child_compiles
+    child, cache = child_compile
     assert child.wait(timeout=600) == 0, (cache / "compile.log").read_text()
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
     torch._dynamo.reset()

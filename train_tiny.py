@@ -6,8 +6,8 @@
     python train_tiny.py --resume                       # continue after Ctrl-C (which checkpoints first)
     torchrun --nproc_per_node=2 train_tiny.py           # one model on 2 GPUs, data-parallel (--batch-size: global)
 
-Writes to --out: metrics.json (FD curve per sampler), samples.png, ckpt.pt (compiling: compile.log, the output of the
-child processes that compile the training step and the sampler's network ahead). Comparisons: bench/compare.py.
+Writes to --out: metrics.json (FD curve per sampler), samples.png, ckpt.pt (compiling: compile.log, the sampler
+network's compile in a child process). Comparisons: bench/compare.py.
 """
 import argparse, ast, functools, hashlib, io, json, os, pickle, re, sys, tarfile, time  # noqa: E401
 import atexit, contextlib, subprocess, urllib.request, zipfile, zlib  # noqa: E401
@@ -234,29 +234,14 @@ def compile_sampler_net(arch, shape, batch, device):
     speed.ddim_sample(sampler_net(ema), speed.make_schedule(), batch, shape=shape, steps=1, device=device,
                       batch_size=batch)
 
-def compile_step(arch, shape, batch, precision, device):
-    """Compiles a fresh UNet(**arch)'s training step as speed.train compiles it: one step of speed.train on random
-    images. Run in a child process while the parent decodes the data (precompile), it fills the on-disk cache that
-    the parent's step then reads. The graph is the network's alone: neither the strategy nor the schedule enter it."""
-    fast_math()
-    schedule, images = speed.make_schedule(), torch.randint(0, 256, (batch, *shape), dtype=torch.uint8)
-    speed.train(speed.UNet(**arch), images, schedule, speed.make_strategy("uniform", schedule), steps=1,
-                batch_size=batch, precision=precision, compile=True, device=device, progress=False)
-
-def precompile(fn, log_path, *args):
-    """fn(*args), one of the two above, in a child process, its output appended to log_path; killed if this process
-    exits first."""
-    code = f"import train_tiny; train_tiny.{fn.__name__}(*{args!r})"
-    with open(log_path, "a") as log:
+def precompile(arch, shape, batch, device, log_path):
+    """compile_sampler_net in a child process, its output in log_path; killed if this process exits first."""
+    code = f"import train_tiny; train_tiny.compile_sampler_net({arch!r}, {shape!r}, {batch}, {str(device)!r})"
+    with open(log_path, "w") as log:
         child = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
                                  stdout=log, stderr=subprocess.STDOUT)
     atexit.register(child.kill)
     return child
-
-def wait_for(child, what, log_path):
-    """Waits for a precompile child; if it failed (out of memory?) says so in one line: this process compiles."""
-    if child and child.wait():
-        print(f"train_tiny: compiling {what} ahead failed (see {log_path}); compiling it now", file=sys.stderr)
 
 def setup(args, metric=True):
     """Data (after --limit, --subset), its identity and (with metric) the feature net and the reference statistics."""
@@ -292,16 +277,6 @@ def run(args):
     partial = os.path.join(args.out, "metrics.partial.json")  # wall_s counts every call of a resumed run
     t0 = time.time() - (json.load(open(partial))["wall_s"] if args.resume and os.path.exists(partial) else 0.0)
     fast_math()
-    # compiling (one GPU): a child process compiles the training step while this one reads the data (a second one,
-    # below, the sampler's network while this one trains); this one's compiles then read their on-disk cache
-    compile = args.compile and args.device.type == "cuda" and world == 1  # compile under DDP: not measured yet
-    arch = {**(MICRO if args.model == "micro" else speed.UNET_SIZES[args.model]),
-            **({} if args.dropout is None else {"dropout": args.dropout})}
-    shape = compile and (tuple(read_images(args.data, 1)[0].shape[1:]) if args.data else (3, 32, 32))  # one image
-    log = os.path.join(args.out, "compile.log")
-    compile and os.makedirs(args.out, exist_ok=True)
-    step_child = compile and precompile(compile_step, log, {**arch, "img_res": shape[-1]}, shape, args.batch_size,
-                                        args.precision, str(args.device))
     # the data, feature net and reference statistics: rank 0 first (it fetches and caches), the others read the data
     world > 1 and rank > 0 and dist.barrier()
     images, data, net, ref = setup(args, metric=rank == 0)
@@ -310,7 +285,8 @@ def run(args):
     # strategy, samplers, the model (its initial weights a pure function of --seed), the experiment's identity
     schedule = speed.make_schedule(args.schedule)
     strategy, samplers = make_strategy(args.strategy, schedule), parse_samplers(args.eval_samplers, schedule.T)
-    arch["img_res"] = images.shape[-1]
+    arch = {**(MICRO if args.model == "micro" else speed.UNET_SIZES[args.model]), "img_res": images.shape[-1],
+            **({} if args.dropout is None else {"dropout": args.dropout})}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         model = speed.UNet(**arch)
@@ -320,20 +296,21 @@ def run(args):
                       samplers=list(samplers), eval_samples=args.eval_samples)
     every, shape, args.metric = max(1, args.steps // args.evals), tuple(images.shape[1:]), net and (
         "FID" if net.kind == "inception" else "FD-" + re.sub(r"^cifar10-|\.pt$", "", net.name.split(":")[0]))
+    compile = args.compile and args.device.type == "cuda" and world == 1  # compile under DDP: not measured yet
     sample_batch = SAMPLE_BATCH if args.device.type == "cuda" else 500
     os.makedirs(args.out, exist_ok=True)
-    t = time.time()  # the step's compile (0 s when the child finished during the setup), then the sampler's
-    wait_for(step_child, "the training step", log)
-    secs["compile_wait_step"] = time.time() - t
-    child = compile and net and precompile(compile_sampler_net, log, arch, shape, min(sample_batch, args.eval_samples),
-                                           str(args.device))  # rank 0 alone evaluates
+    # the sampler's network compiles in a child process while this one trains (rank 0 alone evaluates)
+    child = compile and net and precompile(arch, shape, min(sample_batch, args.eval_samples), args.device,
+                                           os.path.join(args.out, "compile.log"))
 
     @functools.cache
     def fast(ema):  # the EMA network to sample with, compiled once (after the child's compile: from its cache)
         if not compile:
             return ema
         t = time.time()
-        wait_for(child, "the sampler's network", log)
+        if child and child.wait():  # it failed (out of memory?): this process compiles the network itself
+            print(f"train_tiny: compiling the sampler's network ahead failed (see "
+                  f"{os.path.join(args.out, 'compile.log')}); compiling it now", file=sys.stderr)
         secs["compile_wait"] = time.time() - t  # 0 when the child finished during training
         return sampler_net(ema)
 

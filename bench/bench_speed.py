@@ -164,9 +164,8 @@ def compile_breakdown(size="small", batch=256, steps=40, sample_batch=2500, devi
     """Where the quick check's compiling goes, from empty caches: seconds to the end of the first `steps` steps (the
     preset's UNet, dropout 0, compiled inside the whole-step graph) and to the first sampler call of its EMA network
     (train_tiny.sampler_net at batch `sample_batch`, bf16, channels-last: as train_tiny samples), each with Dynamo's
-    split of its compile time. child: as train_tiny does, train_tiny.precompile compiles the step in a child process
-    first (train_tiny: during the setup; here: waited for, step_child_s), then the sampler's network in another from
-    the start of training; the step's and the sampler's own compiles read their cache."""
+    split of its compile time. child: as train_tiny does, train_tiny.precompile compiles the sampler's network in a
+    child process from the start of training, and the sampler's own compile reads its cache."""
     cache = tempfile.mkdtemp(prefix="inductor-")  # a cold cache, as a new user has: nothing compiled before
     os.environ.update(TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
     torch._dynamo.reset()
@@ -175,16 +174,11 @@ def compile_breakdown(size="small", batch=256, steps=40, sample_batch=2500, devi
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     since = dict(torch._dynamo.utils.calculate_time_spent())  # cumulative seconds per phase (tracing, Inductor, ...)
     phases = lambda: {k: v - since.get(k, 0.0) for k, v in torch._dynamo.utils.calculate_time_spent().items()}  # noqa
-    arch, log, t = {**speed.UNET_SIZES[size], "dropout": 0.0, "img_res": 32}, os.path.join(cache, "compile.log"), 0.0
-    if child:  # the step's child (train_tiny runs it during the setup): its time, then the step's residual compile
-        t = time.perf_counter()
-        train_tiny.precompile(train_tiny.compile_step, log, arch, (3, 32, 32), batch, "auto", device).wait()
-        t = time.perf_counter() - t
-    proc = child and train_tiny.precompile(train_tiny.compile_sampler_net, log, arch, (3, 32, 32), sample_batch, device)
-    step_child_s, t = t, time.perf_counter()
+    proc = child and train_tiny.precompile({**speed.UNET_SIZES[size], "dropout": 0.0}, (3, 32, 32), sample_batch,
+                                           device, os.path.join(cache, "compile.log"))
+    t = time.perf_counter()
     r = run_train(speed, size, batch, steps, dict(dropout=0.0), device=device, compile=True)
-    out = dict(steps=steps, child=bool(child), step_child_s=step_child_s, step_first_s=time.perf_counter() - t,
-               step_phases=phases(),
+    out = dict(steps=steps, child=bool(child), step_first_s=time.perf_counter() - t, step_phases=phases(),
                step_img_s=r.history[-1]["img_per_s"])  # the last half: compiled and captured
     t = time.perf_counter()
     proc and proc.wait()
