@@ -14,6 +14,7 @@ from compare import mean_std
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QUICK = "small_b256_lr1e3"  # the candidate the h100 preset is (test_h100_preset_is_the_quick_search_winner_as_measured)
+SAME = (QUICK, "h100_preset")  # its runs, and the preset's as a user runs it (the same options since lease 6)
 
 out = dict(device=None, train_img_s_tiny_before=None, train_img_s_tiny=None, ddpm_tflops=None,
            ddpm_peak_fraction=None, sample_ddpm250_10k_s=None, frechet_2048_gpu_s=None, inception_img_s=None,
@@ -52,14 +53,15 @@ for line in open(os.path.join(HERE, "sampler.jsonl")) if not raw.get("sample_cha
     if r["config"] == "cl:2500":
         out["sample_ddpm250_10k_s"], sources["sample_ddpm250_10k_s"] = r["seconds"], "sampler.jsonl cl:2500"
 # the quick check: the h100 preset's configuration (quick_search.py's candidate QUICK), every seed timed
-runs = [r for k, r in json.load(open(os.path.join(HERE, "quick_search.json"))).items() if k.startswith(QUICK + "_s")]
+runs = [r for k, r in json.load(open(os.path.join(HERE, "quick_search.json"))).items()
+        if any(k.startswith(name + "_s") for name in SAME)]
 if runs:
     fid, std = mean_std([r["fid10k"] for r in runs])
     out.update(quick_check_wall_s=mean_std([r["wall_s"] for r in runs])[0], quick_check_fid10k=fid,
                quick_check_fid10k_std=std, quick_check_sampler=runs[0]["sampler"], quick_check_seeds=len(runs),
                quick_check_wall_s_max=max(r["wall_s"] for r in runs))
     sources.update(dict.fromkeys(("quick_check_wall_s", "quick_check_fid10k", "quick_check_fid10k_std",
-                                  "quick_check_sampler"), f"quick_search.json {QUICK}"))
+                                  "quick_check_sampler"), f"quick_search.json {' and '.join(SAME)}"))
     out["quick_check_device"] = runs[0]["device"]
 # another card's calls (bench/results/speed_h100: the profiles and the sampler on an H100) as their own section
 for d in sorted(glob.glob(os.path.join(HERE, "speed_h1*"))):
@@ -75,12 +77,13 @@ for d in sorted(glob.glob(os.path.join(HERE, "speed_h1*"))):
         sec.update(ddpm_tflops_b512_profiled=tf, ddpm_peak_fraction_profiled=tf * 1e12 / PEAK_BF16)
 out["sources"], out["raw"] = sources, raw
 out["note"] = ("device: the card of the throughput numbers; quick_check_device: the card of the quick check; the h100 "
-               "section: calls on four leases of one H100 each (speed_h100/; train_img_s_small_drop0_b512 on the "
-               "quick search's lease 5, compile_small_b256 on its lease 6). train_img_s_tiny (speed_call3) and "
+               "section: calls on five leases of one H100 each (speed_h100/; train_img_s_small_drop0_b512 on the "
+               "quick search's lease 5, compile_small_b256 on its lease 6, compile_small_b256_static* on its lease 7). train_img_s_tiny (speed_call3) and "
                "train_img_s_tiny_before (speed_call4) come from two calls on the same machine a few minutes apart, "
                "not from one process. quick_check_*: mean over seeds of whole runs from empty caches, one run on the "
-               "card; the wall depends on the host's CPU (it decodes, compiles and feeds Inception): these three ran "
-               "on slower hosts (lease 5: 410 and 445 s; lease 6: 445 s, where the same work at lr 7e-4 took 415 s) "
+               "card; the wall depends on the host's CPU (it decodes, compiles and feeds Inception): these four ran "
+               "on slower hosts (lease 5: 410 and 445 s; lease 6: 445 s, where the same work at lr 7e-4 took 415 s; "
+               "lease 7: 407 s, the first with the sampler's network compiled in a child process during training) "
                "than lease 4's, which ran it at lr 7e-4 in 351-361 s (bench/README, quick_search).")
 with open(os.path.join(HERE, "speed.json"), "w") as f:
     json.dump(out, f, indent=1)
