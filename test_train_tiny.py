@@ -106,6 +106,18 @@ def test_load_zip_folder_and_cache(tmp_path, monkeypatch):
     assert torch.equal(train_tiny.load_data(z, str(cache), limit=3)[0], first[0])
 
 
+def test_images_decoded_in_worker_processes_keep_their_order_and_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_tiny, "DECODE_CHUNK", 2)  # 7 images: 4 chunks, each decoded in a forked process
+    imgs = _images(7, seed=1)
+    assert torch.equal(train_tiny.read_images(_write_zip(tmp_path / "d.zip", imgs))[0], imgs)
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i, img in enumerate(imgs):
+        (folder / f"{i}.png").write_bytes(_png(img) if i != 5 else b"not an image")
+    with pytest.raises(train_tiny.DataError, match=r"could not decode image .*5\.png"):  # a worker's, named
+        train_tiny.read_images(str(folder))
+
+
 def test_data_errors(tmp_path, monkeypatch):
     (tmp_path / "bad.zip").write_bytes(b"not a zip")
     with pytest.raises(train_tiny.DataError, match="could not read"):

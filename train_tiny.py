@@ -10,8 +10,8 @@ Writes to --out: metrics.json (FD curve per sampler), samples.png, ckpt.pt (comp
 network's compile in a child process). Comparisons: bench/compare.py.
 """
 import argparse, ast, functools, hashlib, io, json, os, pickle, re, sys, tarfile, time  # noqa: E401
-import atexit, contextlib, subprocess, urllib.request, zipfile, zlib  # noqa: E401
-from concurrent.futures import ThreadPoolExecutor
+import atexit, contextlib, multiprocessing, subprocess, urllib.request, zipfile, zlib  # noqa: E401
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,7 @@ SHARED_INCEPTION = os.path.join(SHARED, "inception", "inception-fid-fp16.pt")
 CIFAR10_URL, CIFAR10_MD5 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+DECODE_CHUNK = 2000  # images per task of read_images' worker processes
 SAMPLE_BATCH = 2500  # samples per sampler batch on a GPU: the fastest in bench/ (one CUDA graph, a fixed batch)
 MICRO = dict(ch=16, ch_mult=(1, 2), num_blocks=1, attn_res=(16,), dropout=0.0)  # the CPU smoke model
 DEFAULTS = dict(lr=5e-4, warmup=200, cooldown=0, eval_samplers="ddim25", limit=None, fid_model="inception",
@@ -53,7 +54,6 @@ def read_images(path, limit=None):
     """The first `limit` images, uint8 [N, 3, H, W], and labels (or None) of a folder of images (no labels), the
     CIFAR-10 python archive (.tar.gz) or an EDM/StyleGAN dataset zip (labels from an optional dataset.json)."""
     import numpy as np
-    from PIL import Image
     try:
         if path.endswith(".tar.gz"):  # pickled uint8 arrays
             with tarfile.open(path, "r:gz") as tar:
@@ -75,18 +75,31 @@ def read_images(path, limit=None):
             ValueError) as e:
         raise DataError(f"could not read {path} ({e}): not a dataset zip or CIFAR-10 archive, or a truncated "
                         "one") from e
-
-    def decode(name, data):  # in threads: Pillow decodes without the GIL
-        try:
-            return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-        except OSError as e:
-            raise DataError(f"could not decode image {name}: {e}") from None
-    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-        imgs = list(pool.map(decode, names, raw))
+    imgs = decode_images(list(zip(names, raw)))
     if len(shapes := {i.shape for i in imgs}) != 1:
         raise DataError(f"images in {path} have different sizes {sorted(shapes)[:4]}; resize them" if imgs else
                         f"{path} holds no images ({', '.join(IMAGE_EXTS)})")
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), labels
+
+def decode_images(items):
+    """[(name, image file bytes)] -> [uint8 arrays [H, W, 3]], in forked processes where the OS has them: for small
+    images most of the time is Python holding the GIL (Pillow opening the file), and threads queue for it."""
+    chunks = [items[i:i + DECODE_CHUNK] for i in range(0, len(items), DECODE_CHUNK)]
+    if len(chunks) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return _decode(items)
+    with ProcessPoolExecutor(min(len(chunks), os.cpu_count() or 1), multiprocessing.get_context("fork")) as pool:
+        return [i for chunk in pool.map(_decode, chunks) for i in chunk]
+
+def _decode(items):  # decode_images' work, in one process
+    import numpy as np
+    from PIL import Image
+    out = []
+    for name, data in items:
+        try:
+            out.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+        except OSError as e:
+            raise DataError(f"could not decode image {name}: {e}") from None
+    return out
 
 def load_data(data=None, cache_dir="data", limit=None):
     """read_images of `data` or (None) of CIFAR-10, downloaded once; decoded once, then read from cache_dir."""
