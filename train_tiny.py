@@ -82,10 +82,10 @@ def read_images(path, limit=None):
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), labels
 
 def decode_images(items):
-    """[(name, image file bytes)] -> [uint8 arrays [H, W, 3]], in forked processes where the OS has them: for small
-    images most of the time is Python holding the GIL (Pillow opening the file), and threads queue for it."""
+    """[(name, image file bytes)] -> [uint8 arrays [H, W, 3]], on Linux in forked processes: for small images most
+    of the time is Python holding the GIL (Pillow opening the file), and threads queue for it (elsewhere: a loop)."""
     chunks = [items[i:i + DECODE_CHUNK] for i in range(0, len(items), DECODE_CHUNK)]
-    if len(chunks) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+    if len(chunks) < 2 or not sys.platform.startswith("linux"):  # macOS: fork is unsafe once frameworks are loaded
         return _decode(items)
     with ProcessPoolExecutor(min(len(chunks), os.cpu_count() or 1), multiprocessing.get_context("fork")) as pool:
         return [i for chunk in pool.map(_decode, chunks) for i in chunk]
