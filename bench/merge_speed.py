@@ -78,8 +78,8 @@ for d in sorted(glob.glob(os.path.join(HERE, "speed_h1*"))):
 out["sources"], out["raw"] = sources, raw
 out["note"] = ("device: the card of the throughput numbers; quick_check_device: the card of the quick check; the h100 "
                "section: calls on five leases of one H100 each (speed_h100/; train_img_s_small_drop0_b512 on the "
-               "quick search's lease 5, compile_small_b256 on its lease 6, compile_small_b256_static* on its lease 7). train_img_s_tiny (speed_call3) and "
-               "train_img_s_tiny_before (speed_call4) come from two calls on the same machine a few minutes apart, "
+               "quick search's lease 5, compile_small_b256 on its lease 6, compile_small_b256_static* on its lease "
+               "7). train_img_s_tiny (speed_call3) and train_img_s_tiny_before (speed_call4) come from two calls on the same machine a few minutes apart, "
                "not from one process. quick_check_*: mean over seeds of whole runs from empty caches, one run on the "
                "card; the wall depends on the host's CPU (it decodes, compiles and feeds Inception): these four ran "
                "on slower hosts (lease 5: 410 and 445 s; lease 6: 445 s, where the same work at lr 7e-4 took 415 s; "
