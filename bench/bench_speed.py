@@ -35,11 +35,12 @@ def images(n=16384):
     return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
-def run_train(mod, size, batch, steps, arch=None, device="cuda", **kw):
-    """`mod.train` (speed or the previous file) of a new `size` UNet (arch: overrides of its options) for `steps` steps,
-    logging each half; its result once the device is done."""
+def run_train(mod, size, batch, steps, arch=None, device="cuda", prepare=None, **kw):
+    """`mod.train` (speed or the previous file) of a new `size` UNet (arch: overrides of its options; prepare(model):
+    changes it first) for `steps` steps, logging each half; its result once the device is done."""
     torch.manual_seed(0)
     model = mod.make_unet(size, **(arch or {}))
+    prepare and prepare(model)
     sch = mod.make_schedule()
     r = mod.train(model, images(), sch, mod.make_strategy("speed", sch), steps=steps, batch_size=batch,
                   log_every=steps // 2, progress=False, device=device, **kw)
@@ -196,6 +197,33 @@ def compile_breakdown(size="small", batch=256, steps=40, sample_batch=2500, devi
     return out
 
 
+def compile_by_block(model):
+    """torch.compile each residual block and attention layer of `model` in place instead of the whole network: blocks
+    of one shape share their compiled code (the small UNet: 11 shapes for 22 residual blocks, 2 for 6 attention
+    layers), so Inductor generates less; fusion across blocks is lost."""
+    torch._dynamo.config.recompile_limit = 64  # one compiled entry per block shape, more than the default 8
+    torch._dynamo.config.accumulated_recompile_limit = 1024
+    for m in model.modules():
+        isinstance(m, (speed.ResBlock, speed.Attention)) and m.compile(dynamic=False)  # one graph per shape
+
+
+def compile_blocks_time(size="small", batch=256, steps=40, device="cuda"):
+    """Seconds to the end of the first `steps` steps from an empty cache and the rate after, compiling the whole
+    network (as speed.train does) against block by block (compile_by_block), each in a fresh cache."""
+    out = {}
+    for name in ("whole", "blocks"):
+        cache = tempfile.mkdtemp(prefix="inductor-")
+        os.environ.update(TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
+        torch._dynamo.reset()
+        train_tiny.fast_math()
+        t = time.perf_counter()
+        r = run_train(speed, size, batch, steps, dict(dropout=0.0), device=device, compile=name == "whole",
+                      prepare=compile_by_block if name == "blocks" else None)
+        out[f"{name}_first_s"], out[f"{name}_img_s"] = time.perf_counter() - t, r.history[-1]["img_per_s"]
+        shutil.rmtree(cache, ignore_errors=True)
+    return out
+
+
 def frechet_time(d=2048, n=10000):
     g = torch.Generator(device="cuda").manual_seed(0)
     ref = speed.feature_stats(torch.randn(n, d, device="cuda", generator=g))
@@ -233,7 +261,7 @@ def main():
     p.add_argument("--before", default=None, help="the previous speed.py, for train_img_s_tiny_before")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speed.json"))
     parts = ("train", "sizes", "small_batches", "profile", "profile_ddpm", "ops_ddpm", "sample", "profile_sample", "fd",
-             "inception", "before", "compile", "compile_child")
+             "inception", "before", "compile", "compile_child", "compile_blocks")
     p.add_argument("--only", default=",".join(parts), help="comma-separated parts: " + ",".join(parts))
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -328,6 +356,10 @@ def main():
 
     def compile_child_part():  # the same with train_tiny's child process compiling the sampler's network meanwhile
         compile_part(child=True)
+
+    def compile_blocks_part():  # the step's compile (lease 7: 115.6 s) block by block: less code to generate?
+        raw["compile_blocks_small_b256"] = r = compile_blocks_time()
+        log(f"compile whole vs by block (small, batch 256, 40 steps, cold caches): {r}")
 
     for name in args.only.split(","):
         try:

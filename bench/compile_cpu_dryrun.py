@@ -1,9 +1,14 @@
-"""bench/compile_cpu_dryrun.py: bench_speed's compile parts on the CPU (tiny UNet, Inductor's C++ backend), without and
-with train_tiny's child compiling the sampler's network during training. A dry run: it checks that the parts work and
-that the child's compile is a cache hit for the parent; CPU seconds say nothing about a GPU.
+"""bench/compile_cpu_dryrun.py: bench_speed's compile parts on the CPU (tiny UNet, Inductor's C++ backend). A dry run:
+it checks that a part works (and, for the children, that the child's compile is a cache hit for the parent); CPU
+seconds say little about a GPU.
 
-    python bench/compile_cpu_dryrun.py > bench/results/compile_cpu_dryrun.jsonl
+    python bench/compile_cpu_dryrun.py >> bench/results/compile_cpu_dryrun.jsonl                 # children
+    python bench/compile_cpu_dryrun.py --part blocks >> bench/results/compile_cpu_dryrun.jsonl    # by block
+
+children: without and with train_tiny's child compiling the sampler's network during training. blocks: the first
+steps compiling the whole network against block by block (bench_speed.compile_blocks_time).
 """
+import argparse
 import json
 import os
 import platform
@@ -12,8 +17,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_speed  # noqa: E402
 
-for child in (False, True):
+p = argparse.ArgumentParser()
+p.add_argument("--part", choices=("children", "blocks"), default="children")
+part = p.parse_args().part
+host = dict(host=f"{platform.processor() or platform.machine()} × {os.cpu_count()}")
+if part == "blocks":
+    r = bench_speed.compile_blocks_time("tiny", batch=8, steps=4, device="cpu")
+    print(json.dumps(dict(**host, part="blocks", size="tiny", batch=8, steps=4, **r)), flush=True)
+for child in (False, True) if part == "children" else ():
     r = bench_speed.compile_breakdown("tiny", batch=8, steps=4, sample_batch=8, device="cpu", child=child)
     r.pop("table")
-    print(json.dumps(dict(host=f"{platform.processor() or platform.machine()} × {os.cpu_count()}",
-                          **{k: v for k, v in r.items() if "phases" not in k})), flush=True)
+    print(json.dumps(dict(**host, **{k: v for k, v in r.items() if "phases" not in k})), flush=True)
