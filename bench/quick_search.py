@@ -31,6 +31,8 @@ import compare  # noqa: E402
 # samples and checkpoint. Options the preset has changed since (batch 128 → 256, lr 5e-4 → 7e-4 → 1e-3, cool-down
 # 0 → 1,500) are pinned, so that every candidate trains what it trained when it was measured. Setup, compiling and
 # the sampler's compilation run on the host's CPU: a slower host adds a minute or more (lease 5 in bench/README).
+# Since lease 7 the sampler's network compiles in a child process during training: the evaluation took 53 s on a
+# slow host, against 87-97 s before; small_b256_lr1e3_9k spends the difference on steps.
 SMALL = "--model small --dropout 0 --eval-samplers ddpm250 "
 CANDIDATES = {  # name: train_tiny options on top of the h100 preset (warm-up 200, EMA 0.999, SpeeD)
     "h100_preset": "",  # the default as a user runs it: since 2026-12-07 the winner, small_b256_lr1e3
