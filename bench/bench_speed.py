@@ -8,6 +8,7 @@ numbers into bench/results/speed.json (keys listed in the README of bench/) and 
 Random uint8 images stand in for data: throughput does not depend on the pixels.
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -161,40 +162,53 @@ def profile_sample(batch=2500, steps=50, device="cuda"):
                 top_kernels_ms=top8(by_name))
 
 
+@contextlib.contextmanager
+def cold_cache():
+    """torch.compile as a new user compiles: a fresh on-disk cache (removed after), Dynamo reset, the backend flags
+    train_tiny sets. What this process compiled before stays in its memory: a cold number needs its own process (a
+    scratch CPU check: a second compile of one UNet in the process took 11.7 s against 44.7 s the first time)."""
+    cache = tempfile.mkdtemp(prefix="inductor-")
+    os.environ.update(TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
+    torch._dynamo.reset()
+    train_tiny.fast_math()
+    try:
+        yield cache
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 def compile_breakdown(size="small", batch=256, steps=40, sample_batch=2500, device="cuda", child=False):
     """Where the quick check's compiling goes, from empty caches: seconds to the end of the first `steps` steps (the
     preset's UNet, dropout 0, compiled inside the whole-step graph) and to the first sampler call of its EMA network
     (train_tiny.sampler_net at batch `sample_batch`, bf16, channels-last: as train_tiny samples), each with Dynamo's
     split of its compile time. child: as train_tiny does, train_tiny.precompile compiles the sampler's network in a
     child process from the start of training, and the sampler's own compile reads its cache."""
-    cache = tempfile.mkdtemp(prefix="inductor-")  # a cold cache, as a new user has: nothing compiled before
-    os.environ.update(TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    train_tiny.fast_math()
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    since = dict(torch._dynamo.utils.calculate_time_spent())  # cumulative seconds per phase (tracing, Inductor, ...)
-    phases = lambda: {k: v - since.get(k, 0.0) for k, v in torch._dynamo.utils.calculate_time_spent().items()}  # noqa
-    proc = child and train_tiny.precompile({**speed.UNET_SIZES[size], "dropout": 0.0}, (3, 32, 32), sample_batch,
-                                           device, os.path.join(cache, "compile.log"))
-    t = time.perf_counter()
-    r = run_train(speed, size, batch, steps, dict(dropout=0.0), device=device, compile=True)
-    out = dict(steps=steps, child=bool(child), step_first_s=time.perf_counter() - t, step_phases=phases(),
-               step_img_s=r.history[-1]["img_per_s"])  # the last half: compiled and captured
-    t = time.perf_counter()
-    proc and proc.wait()
-    out["child_wait_s"], net, walls = time.perf_counter() - t, train_tiny.sampler_net(r.ema), []
-    for steps in (1, 1, 50):  # compile; run; 50 steps: are kernels autotuned beside the training (child) as fast?
+    with cold_cache() as cache:
+        torch._dynamo.utils.counters.clear()
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        spent = torch._dynamo.utils.calculate_time_spent  # cumulative seconds per phase (tracing, Inductor, ...)
+        since = dict(spent())
+        phases = lambda: {k: v - since.get(k, 0.0) for k, v in spent().items()}  # noqa: E731
+        proc = child and train_tiny.precompile({**speed.UNET_SIZES[size], "dropout": 0.0}, (3, 32, 32), sample_batch,
+                                               device, os.path.join(cache, "compile.log"))
         t = time.perf_counter()
-        speed.ddim_sample(net, speed.make_schedule(), sample_batch, steps=steps, batch_size=sample_batch, device=device)
-        sync()
-        walls.append(time.perf_counter() - t)
-    out.update(sampler_net_first_s=walls[0], sampler_net_second_s=walls[1], sample_50_steps_s=walls[2],
-               all_phases=phases(),
-               fxgraph_cache_hits=torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"],
-               table=torch._dynamo.utils.compile_times(repr="str", aggregate=True))
-    shutil.rmtree(cache, ignore_errors=True)
-    return out
+        r = run_train(speed, size, batch, steps, dict(dropout=0.0), device=device, compile=True)
+        out = dict(steps=steps, child=bool(child), step_first_s=time.perf_counter() - t, step_phases=phases(),
+                   step_img_s=r.history[-1]["img_per_s"])  # the last half: compiled and captured
+        t = time.perf_counter()
+        proc and proc.wait()
+        out["child_wait_s"], net, walls = time.perf_counter() - t, train_tiny.sampler_net(r.ema), []
+        for steps in (1, 1, 50):  # compile; run; 50 steps: are kernels autotuned beside the training (child) as fast?
+            t = time.perf_counter()
+            speed.ddim_sample(net, speed.make_schedule(), sample_batch, steps=steps, batch_size=sample_batch,
+                              device=device)
+            sync()
+            walls.append(time.perf_counter() - t)
+        out.update(sampler_net_first_s=walls[0], sampler_net_second_s=walls[1], sample_50_steps_s=walls[2],
+                   all_phases=phases(),
+                   fxgraph_cache_hits=torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"],
+                   table=torch._dynamo.utils.compile_times(repr="str", aggregate=True))
+        return out
 
 
 def compile_by_block(model):
@@ -212,15 +226,11 @@ def compile_blocks_time(size="small", batch=256, steps=40, device="cuda"):
     network (as speed.train does) against block by block (compile_by_block), each in a fresh cache."""
     out = {}
     for name in ("whole", "blocks"):
-        cache = tempfile.mkdtemp(prefix="inductor-")
-        os.environ.update(TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
-        torch._dynamo.reset()
-        train_tiny.fast_math()
-        t = time.perf_counter()
-        r = run_train(speed, size, batch, steps, dict(dropout=0.0), device=device, compile=name == "whole",
-                      prepare=compile_by_block if name == "blocks" else None)
-        out[f"{name}_first_s"], out[f"{name}_img_s"] = time.perf_counter() - t, r.history[-1]["img_per_s"]
-        shutil.rmtree(cache, ignore_errors=True)
+        with cold_cache():
+            t = time.perf_counter()
+            r = run_train(speed, size, batch, steps, dict(dropout=0.0), device=device, compile=name == "whole",
+                          prepare=compile_by_block if name == "blocks" else None)
+            out[f"{name}_first_s"], out[f"{name}_img_s"] = time.perf_counter() - t, r.history[-1]["img_per_s"]
     return out
 
 
