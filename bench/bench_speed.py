@@ -221,11 +221,12 @@ def compile_by_block(model):
         isinstance(m, (speed.ResBlock, speed.Attention)) and m.compile(dynamic=False)  # one graph per shape
 
 
-def compile_blocks_time(size="small", batch=256, steps=40, device="cuda"):
+def compile_blocks_time(size="small", batch=256, steps=40, device="cuda", ways=("whole", "blocks")):
     """Seconds to the end of the first `steps` steps from an empty cache and the rate after, compiling the whole
-    network (as speed.train does) against block by block (compile_by_block), each in a fresh cache."""
+    network (as speed.train does) against block by block (compile_by_block), each in a fresh cache. A cold number
+    needs its own process (cold_cache): run one way per process (--ways)."""
     out = {}
-    for name in ("whole", "blocks"):
+    for name in ways:
         with cold_cache():
             t = time.perf_counter()
             r = run_train(speed, size, batch, steps, dict(dropout=0.0), device=device, compile=name == "whole",
@@ -273,6 +274,7 @@ def main():
     parts = ("train", "sizes", "small_batches", "profile", "profile_ddpm", "ops_ddpm", "sample", "profile_sample", "fd",
              "inception", "before", "compile", "compile_child", "compile_blocks")
     p.add_argument("--only", default=",".join(parts), help="comma-separated parts: " + ",".join(parts))
+    p.add_argument("--ways", default="whole,blocks", help="compile_blocks: whole and/or blocks (one per process)")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
     res = json.load(open(args.out)) if os.path.exists(args.out) else {}
@@ -368,7 +370,8 @@ def main():
         compile_part(child=True)
 
     def compile_blocks_part():  # the step's compile (lease 7: 115.6 s) block by block: less code to generate?
-        raw["compile_blocks_small_b256"] = r = compile_blocks_time()
+        r = compile_blocks_time(ways=args.ways.split(","))
+        raw.setdefault("compile_blocks_small_b256", {}).update(r)
         log(f"compile whole vs by block (small, batch 256, 40 steps, cold caches): {r}")
 
     for name in args.only.split(","):
