@@ -256,11 +256,14 @@ def precompile(arch, shape, batch, device, log_path):
     atexit.register(child.kill)
     return child
 
-def setup(args, metric=True):
-    """Data (after --limit, --subset), its identity and (with metric) the feature net and the reference statistics."""
+def setup(args, metric=True, secs=None):
+    """Data (after --limit, --subset), its identity and (with metric) the feature net and the reference statistics;
+    secs["data"]: the seconds the data took."""
+    t = time.time()
     images, labels = load_data(args.data, os.path.join(args.cache, "data"), args.limit)
     images = images[balanced_subset(labels, args.subset)] if args.subset else images
     data = dict(source=os.path.basename(args.data or CIFAR10_URL), images=len(images), sha256=data_digest(images))
+    secs is None or secs.update(data=time.time() - t)
     if args.fid_model == "none" or not metric:
         return images, data, None, None
     net = load_feature_net(args.fid_model, os.path.join(args.cache, "nets"), device=args.device)
@@ -292,9 +295,10 @@ def run(args):
     fast_math()
     # the data, feature net and reference statistics: rank 0 first (it fetches and caches), the others read the data
     world > 1 and rank > 0 and dist.barrier()
-    images, data, net, ref = setup(args, metric=rank == 0)
+    secs = dict(evals=0.0)  # where this call's time goes (training and compiling: the rest)
+    images, data, net, ref = setup(args, metric=rank == 0, secs=secs)
     world > 1 and rank == 0 and dist.barrier()
-    secs = dict(setup=time.time() - t0, evals=0.0)  # where this call's time goes (training and compiling: the rest)
+    secs["setup"] = time.time() - t0
     # strategy, samplers, the model (its initial weights a pure function of --seed), the experiment's identity
     schedule = speed.make_schedule(args.schedule)
     strategy, samplers = make_strategy(args.strategy, schedule), parse_samplers(args.eval_samplers, schedule.T)
