@@ -226,11 +226,12 @@ def compile_blocks_time(size="small", batch=256, steps=40, device="cuda", ways=(
     network (as speed.train does) against block by block (compile_by_block), each in a fresh cache. A cold number
     needs its own process (cold_cache): run one way per process (--ways)."""
     out = {}
-    for name in ways:
+    for name in ways:  # "_noat": Inductor's pointwise kernels take one heuristic config instead of benchmarking several
+        torch._inductor.config.triton.autotune_pointwise = not name.endswith("_noat")
         with cold_cache():
             t = time.perf_counter()
-            r = run_train(speed, size, batch, steps, dict(dropout=0.0), device=device, compile=name == "whole",
-                          prepare=compile_by_block if name == "blocks" else None)
+            r = run_train(speed, size, batch, steps, dict(dropout=0.0), device=device, compile=name.startswith("whole"),
+                          prepare=compile_by_block if name.startswith("blocks") else None)
             out[f"{name}_first_s"], out[f"{name}_img_s"] = time.perf_counter() - t, r.history[-1]["img_per_s"]
     return out
 
@@ -274,7 +275,8 @@ def main():
     parts = ("train", "sizes", "small_batches", "profile", "profile_ddpm", "ops_ddpm", "sample", "profile_sample", "fd",
              "inception", "before", "compile", "compile_child", "compile_blocks")
     p.add_argument("--only", default=",".join(parts), help="comma-separated parts: " + ",".join(parts))
-    p.add_argument("--ways", default="whole,blocks", help="compile_blocks: whole and/or blocks (one per process)")
+    p.add_argument("--ways", default="whole,blocks",
+                   help="compile_blocks: whole, blocks, whole_noat, blocks_noat (one per process)")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
     res = json.load(open(args.out)) if os.path.exists(args.out) else {}
