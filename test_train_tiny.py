@@ -496,20 +496,23 @@ CHILD_ARCH, CHILD_N = dict(ch=8, ch_mult=(1,), num_blocks=1, attn_res=(), dropou
 
 
 @pytest.fixture(scope="module", autouse=True)
-def child_compile(request, tmp_path_factory):
-    """train_tiny.precompile's child, started with this file's first test: it compiles (~30 s here) while they run;
-    the last test checks its cache. Started from another folder: the child finds train_tiny wherever it is run."""
-    if not any(t.name == "test_the_childs_compile_is_a_cache_hit_for_the_evaluation" for t in request.session.items):
+def child_compile(request, tmp_path_factory, data):
+    """train_tiny.precompile's child, started with this file's first test: it computes the reference statistics of
+    the data and compiles (~30 s here) while they run; the last test checks its caches. Started from another
+    folder: the child finds train_tiny wherever it is run."""
+    if not any(t.name == "test_the_childs_reference_and_compile_are_cache_hits_for_the_evaluation" for t in request.session.items):
         yield None  # that test is not selected: no child
         return
     cache = tmp_path_factory.mktemp("inductor")
+    opts = dict(data=data["zip"], cache=str(cache / "cache"), limit=None, subset=6,
+                fid_model=_script(FakeGeneric(), cache / "fdnet.pt"), device="cpu")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
         mp.setenv("OMP_NUM_THREADS", "1")  # as one_thread() sets this process: C++ kernels specialise on it
         mp.chdir(cache)
         child = train_tiny.precompile(CHILD_ARCH, (3, 8, 8), min(train_tiny.SAMPLE_BATCH, CHILD_N), "cpu",
-                                      str(cache / "compile.log"))
-    yield child, cache
+                                      str(cache / "compile.log"), opts)
+    yield child, cache, opts
     child.kill()
 
 
@@ -747,10 +750,16 @@ def test_every_mutant_of_bench_mutations_still_applies_to_speed_py():
         assert mutations.apply(source, edits, name) != source, name
 
 
-def test_the_childs_compile_is_a_cache_hit_for_the_evaluation(child_compile, monkeypatch):
+def test_the_childs_reference_and_compile_are_cache_hits_for_the_evaluation(child_compile, monkeypatch):
     # the child compiled in a fresh process; the evaluation, after run()'s fast_math, must find its graph on disk
-    child, cache = child_compile
+    child, cache, opts = child_compile
     assert child.wait(timeout=600) == 0, (cache / "compile.log").read_text()
+    # its reference statistics (of the --subset) are in the file that run()'s setup names: read, not recomputed
+    images, _, net, path = train_tiny.setup(argparse.Namespace(**opts))
+    want = speed.feature_stats(net(images))
+    monkeypatch.setattr(train_tiny.FeatureNet, "__call__", lambda *a, **k: pytest.fail("features recomputed"))
+    got = train_tiny.reference_stats(net, images, path)
+    assert len(images) == 6 and all(torch.equal(a, b) for a, b in zip(got, want))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

@@ -236,6 +236,17 @@ def sampler_net(ema):
     batch first, and a second batch size would otherwise get a dynamic-batch graph, slower to compile and to run."""
     return torch.compile(ema, dynamic=False)
 
+def prepare_evaluation(opts, arch, shape, batch, device):
+    """A child's work while its parent trains (precompile). With opts (setup's options: data, cache, limit, subset,
+    fid_model, device): the reference statistics into their cache first, on a GPU that the parent's compile leaves
+    idle; then compile_sampler_net."""
+    opts and prepare_reference(argparse.Namespace(**opts))
+    compile_sampler_net(arch, shape, batch, device)
+
+def prepare_reference(args):  # setup, then the reference statistics into their cache file
+    images, _, net, path = setup(args)
+    net and reference_stats(net, images, path)
+
 def compile_sampler_net(arch, shape, batch, device):
     """Compiles a fresh UNet(**arch) as the evaluation compiles its EMA network (sampler_net, the sampler's batch,
     dtype and memory format). Run in a child process while the parent trains (precompile), it fills torch.compile's
@@ -247,18 +258,19 @@ def compile_sampler_net(arch, shape, batch, device):
     speed.ddim_sample(sampler_net(ema), speed.make_schedule(), batch, shape=shape, steps=1, device=device,
                       batch_size=batch)
 
-def precompile(arch, shape, batch, device, log_path):
-    """compile_sampler_net in a child process, its output in log_path; killed if this process exits first."""
-    code = f"import train_tiny; train_tiny.compile_sampler_net({arch!r}, {shape!r}, {batch}, {str(device)!r})"
+def precompile(arch, shape, batch, device, log_path, opts=None):
+    """prepare_evaluation in a child process (in this folder: relative paths in opts hold), its output in log_path;
+    killed if this process exits first."""
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import train_tiny; "
+            f"train_tiny.prepare_evaluation({opts!r}, {arch!r}, {shape!r}, {batch}, {str(device)!r})")
     with open(log_path, "w") as log:
-        child = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                 stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
     atexit.register(child.kill)
     return child
 
 def setup(args, metric=True, secs=None):
-    """Data (after --limit, --subset), its identity and (with metric) the feature net and the reference statistics;
-    secs["data"]: the seconds the data took."""
+    """Data (after --limit, --subset), its identity and (with metric) the feature net and the cache file of its
+    reference statistics (reference_stats fills it); secs["data"]: the seconds the data took."""
     t = time.time()
     images, labels = load_data(args.data, os.path.join(args.cache, "data"), args.limit)
     images = images[balanced_subset(labels, args.subset)] if args.subset else images
@@ -267,9 +279,8 @@ def setup(args, metric=True, secs=None):
     if args.fid_model == "none" or not metric:
         return images, data, None, None
     net = load_feature_net(args.fid_model, os.path.join(args.cache, "nets"), device=args.device)
-    ref = os.path.join(args.cache, f"ref-{net.name.replace(':', '-')}-{len(images)}-{data['sha256']}.pt")
-    mu, sigma = reference_stats(net, images, ref)
-    return images, data, net, (mu, sigma, speed.sqrt_psd(sigma))
+    return images, data, net, os.path.join(args.cache, f"ref-{net.name.replace(':', '-')}-{len(images)}-"
+                                                       f"{data['sha256']}.pt")
 
 def write_metrics(args, result, data, t0, final=None, seconds=None):
     """metrics.json once finished (final given), else metrics.partial.json: FD curves per sampler, the rest."""
@@ -296,7 +307,7 @@ def run(args):
     # the data, feature net and reference statistics: rank 0 first (it fetches and caches), the others read the data
     world > 1 and rank > 0 and dist.barrier()
     secs = dict(evals=0.0)  # where this call's time goes (training and compiling: the rest)
-    images, data, net, ref = setup(args, metric=rank == 0, secs=secs)
+    images, data, net, ref_path = setup(args, metric=rank == 0, secs=secs)
     world > 1 and rank == 0 and dist.barrier()
     secs["setup"] = time.time() - t0
     # strategy, samplers, the model (its initial weights a pure function of --seed), the experiment's identity
@@ -316,18 +327,25 @@ def run(args):
     compile = args.compile and args.device.type == "cuda" and world == 1  # compile under DDP: not measured yet
     sample_batch = SAMPLE_BATCH if args.device.type == "cuda" else 500
     os.makedirs(args.out, exist_ok=True)
-    # the sampler's network compiles in a child process while this one trains (rank 0 alone evaluates)
+    # a child process computes the reference statistics and compiles the sampler's network while this one trains
+    opts = {k: getattr(args, k) for k in ("data", "cache", "limit", "subset", "fid_model")}
     child = compile and net and precompile(arch, shape, min(sample_batch, args.eval_samples), args.device,
-                                           os.path.join(args.out, "compile.log"))
+                                           os.path.join(args.out, "compile.log"), {**opts, "device": str(args.device)})
+
+    @functools.cache
+    def reference():  # (mu, sigma, sqrt_psd(sigma)): from the child's cache, else (no child, or it failed) now
+        child and child.wait()
+        mu, sigma = reference_stats(net, images, ref_path)
+        return mu, sigma, speed.sqrt_psd(sigma)
 
     @functools.cache
     def fast(ema):  # the EMA network to sample with, compiled once (after the child's compile: from its cache)
         if not compile:
             return ema
         t = time.time()
-        if child and child.wait():  # it failed (out of memory?): this process compiles the network itself
-            print(f"train_tiny: compiling the sampler's network ahead failed (see "
-                  f"{os.path.join(args.out, 'compile.log')}); compiling it now", file=sys.stderr)
+        if child and child.wait():  # it failed (out of memory?): this process does its work itself
+            print(f"train_tiny: preparing the evaluation ahead failed (see "
+                  f"{os.path.join(args.out, 'compile.log')}); doing it now", file=sys.stderr)
         secs["compile_wait"] = time.time() - t  # 0 when the child finished during training
         return sampler_net(ema)
 
@@ -337,7 +355,8 @@ def run(args):
                           batch_size=sample_batch)
 
     def fds(ema, n):  # {sampler: FD of n samples}
-        return {s: fd_of_samples(net, draw(fast(ema), sampler, n), ref) for s, sampler in samplers.items() if net and n}
+        return {s: fd_of_samples(net, draw(fast(ema), sampler, n), reference()) for s, sampler in samplers.items()
+                if net and n}
 
     def evaluate(result):  # train() calls it every `every` steps and at the end: FDs into result.extra, metrics
         t = time.time()

@@ -252,7 +252,7 @@ def launch(jobs, gpus, per_gpu, prepare=True, walls=None):
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // len(slots)))}
     if prepare and jobs:  # decode the data and compute the reference statistics once, before the runs share them
         code = (f"import sys; sys.path.insert(0, {os.path.dirname(TRAIN_TINY)!r}); import train_tiny\n"
-                f"try: train_tiny.setup(train_tiny.parse_args(sys.argv[1:]))\n"
+                f"try: train_tiny.prepare_reference(train_tiny.parse_args(sys.argv[1:]))\n"
                 f"except (train_tiny.DataError, train_tiny.OptionError) as e: sys.exit(f'train_tiny: {{e}}')")
         subprocess.run([sys.executable, "-c", code] + jobs[0][3], check=True,
                        env={**env, **({"CUDA_VISIBLE_DEVICES": str(slots[0])} if slots[0] is not None else {})})
