@@ -227,12 +227,31 @@ def compile_blocks_time(size="small", batch=256, steps=40, device="cuda", ways=(
     needs its own process (cold_cache): run one way per process (--ways)."""
     out = {}
     for name in ways:  # "_noat": Inductor's pointwise kernels take one heuristic config instead of benchmarking several
-        torch._inductor.config.triton.autotune_pointwise = not name.endswith("_noat")
-        with cold_cache():
+        with cold_cache():  # (after its fast_math, which turns that autotuning off)
+            torch._inductor.config.triton.autotune_pointwise = not name.endswith("_noat")
             t = time.perf_counter()
             r = run_train(speed, size, batch, steps, dict(dropout=0.0), device=device, compile=name.startswith("whole"),
                           prepare=compile_by_block if name.startswith("blocks") else None)
             out[f"{name}_first_s"], out[f"{name}_img_s"] = time.perf_counter() - t, r.history[-1]["img_per_s"]
+    return out
+
+
+def inception_first(path, way, n=10000, batch=500):
+    """Seconds of a process's first Inception features, as train_tiny's first evaluation meets them (lease 8: its
+    evaluation took 23 s longer once the reference statistics moved to the child): loading, the first and second
+    batch, then n images. way: "bench" (cuDNN times its algorithms per new shape, as fast_math sets it), "nobench",
+    or "noopt" (bench, TorchScript's profiling and fusion off). One way per process: both caches live in it."""
+    torch.backends.cudnn.benchmark = way != "nobench"
+    out, t = {}, time.perf_counter()
+    with torch.jit.optimized_execution(way != "noopt"), torch.no_grad():
+        net = train_tiny.load_feature_net(path, device="cuda")
+        out["load_s"] = time.perf_counter() - t
+        x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device="cuda")
+        for name, imgs in (("first_batch_s", x[:batch]), ("second_batch_s", x[batch:2 * batch]), ("n_s", x)):
+            t = time.perf_counter()
+            net(imgs, batch_size=batch)
+            torch.cuda.synchronize()
+            out[name] = time.perf_counter() - t
     return out
 
 
@@ -273,10 +292,11 @@ def main():
     p.add_argument("--before", default=None, help="the previous speed.py, for train_img_s_tiny_before")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speed.json"))
     parts = ("train", "sizes", "small_batches", "profile", "profile_ddpm", "ops_ddpm", "sample", "profile_sample", "fd",
-             "inception", "before", "compile", "compile_child", "compile_blocks")
+             "inception", "before", "compile", "compile_child", "compile_blocks", "inception_first")
     p.add_argument("--only", default=",".join(parts), help="comma-separated parts: " + ",".join(parts))
     p.add_argument("--ways", default="whole,blocks",
-                   help="compile_blocks: whole, blocks, whole_noat, blocks_noat (one per process)")
+                   help="compile_blocks: whole, blocks, whole_noat, blocks_noat; inception_first: bench, nobench, "
+                        "noopt (one per process)")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
     res = json.load(open(args.out)) if os.path.exists(args.out) else {}
@@ -350,6 +370,11 @@ def main():
         raw["inception_img_s"] = r
         res["inception_img_s"] = max(v for v in r.values() if isinstance(v, float))
         log(f"Inception features: {r}")
+
+    def inception_first_part():  # one --ways per process: bench, nobench, noopt
+        for way in args.ways.split(","):
+            raw.setdefault("inception_first", {})[way] = r = inception_first(args.inception, way)
+            log(f"Inception's first use ({way}): {r}")
 
     def before_part():  # the previous file: only the network graphed, by torch.compile (minutes of compilation)
         spec = importlib.util.spec_from_file_location("speed_before", args.before)
