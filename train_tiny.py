@@ -6,8 +6,9 @@
     python train_tiny.py --resume                       # continue after Ctrl-C (which checkpoints first)
     torchrun --nproc_per_node=2 train_tiny.py           # one model on 2 GPUs, data-parallel (--batch-size: global)
 
-Writes to --out: metrics.json (FD curve per sampler), samples.png, ckpt.pt (compiling: compile.log, the sampler
-network's compile in a child process). Comparisons: bench/compare.py.
+Writes to --out: metrics.json (FD curve per sampler), samples.png, ckpt.pt (compiling: compile.log, the output of
+a child process that computes the reference statistics and compiles the sampler's network). Comparisons:
+bench/compare.py.
 """
 import argparse, ast, functools, hashlib, io, json, os, pickle, re, sys, tarfile, time  # noqa: E401
 import atexit, contextlib, multiprocessing, subprocess, urllib.request, zipfile, zlib  # noqa: E401
