@@ -500,7 +500,8 @@ def child_compile(request, tmp_path_factory, data):
     """train_tiny.precompile's child, started with this file's first test: it computes the reference statistics of
     the data and compiles (~30 s here) while they run; the last test checks its caches. Started from another
     folder: the child finds train_tiny wherever it is run."""
-    if not any(t.name == "test_the_childs_reference_and_compile_are_cache_hits_for_the_evaluation" for t in request.session.items):
+    test = "test_the_childs_reference_and_compile_are_cache_hits_for_the_evaluation"
+    if not any(t.name == test for t in request.session.items):
         yield None  # that test is not selected: no child
         return
     cache = tmp_path_factory.mktemp("inductor")

@@ -264,8 +264,8 @@ def compile_sampler_net(arch, shape, batch, device):
                       batch_size=batch)
 
 def precompile(arch, shape, batch, device, log_path, opts=None):
-    """prepare_evaluation in a child process (in this folder: relative paths in opts hold), its output in log_path;
-    killed if this process exits first."""
+    """prepare_evaluation in a child process (in this working directory: relative paths in opts hold), its output in
+    log_path; killed if this process exits first."""
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import train_tiny; "
             f"train_tiny.prepare_evaluation({opts!r}, {arch!r}, {shape!r}, {batch}, {str(device)!r})")
     with open(log_path, "w") as log:
@@ -309,7 +309,7 @@ def run(args):
     partial = os.path.join(args.out, "metrics.partial.json")  # wall_s counts every call of a resumed run
     t0 = time.time() - (json.load(open(partial))["wall_s"] if args.resume and os.path.exists(partial) else 0.0)
     fast_math()
-    # the data, feature net and reference statistics: rank 0 first (it fetches and caches), the others read the data
+    # the data and feature net: rank 0 first (it fetches and caches), the others read the data
     world > 1 and rank > 0 and dist.barrier()
     secs = dict(evals=0.0)  # where this call's time goes (training and compiling: the rest)
     images, data, net, ref_path = setup(args, metric=rank == 0, secs=secs)
