@@ -77,8 +77,9 @@ for d in sorted(glob.glob(os.path.join(HERE, "speed_h1*"))):
         sec.update(ddpm_tflops_b512_profiled=tf, ddpm_peak_fraction_profiled=tf * 1e12 / PEAK_BF16)
 out["sources"], out["raw"] = sources, raw
 out["note"] = ("device: the card of the throughput numbers; quick_check_device: the card of the quick check; the h100 "
-               "section: calls on five leases of one H100 each (speed_h100/; train_img_s_small_drop0_b512 on the quick "
-               "search's lease 5, compile_small_b256 on its lease 6, compile_small_b256_static* on its lease 7). "
+               "section: calls on six leases of one H100 each (speed_h100/; train_img_s_small_drop0_b512 on the quick "
+               "search's lease 5, compile_small_b256 on its lease 6, compile_small_b256_static* on its lease 7, "
+               "compile_blocks_small_b256 on its lease 8). "
                "train_img_s_tiny (speed_call3) and train_img_s_tiny_before (speed_call4) come from two calls on the "
                "same machine a few minutes apart, not from one process. quick_check_*: mean over seeds of whole runs "
                "from empty caches, one run on the card; the wall depends on the host's CPU (it decodes, compiles and "
