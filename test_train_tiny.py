@@ -556,7 +556,10 @@ def test_metrics_say_where_the_time_went(tmp_path, data, monkeypatch):
     m = json.loads((out / "metrics.json").read_text())
     secs = m["seconds"]
     assert secs["evals"] >= 0.4 and 0.2 <= secs["final"] < secs["evals"] and 0.3 <= secs["data"] <= secs["setup"]
-    assert sum(v for k, v in secs.items() if k != "data") <= m["wall_s"]
+    per = {k: v for k, v in secs.items() if k.startswith("eval_")}  # each sampler's share of evals and final
+    assert sorted(per) == ["eval_ddim2", "eval_ddpm3"] and min(per.values()) >= 0.3
+    assert sum(per.values()) <= secs["evals"] + secs["final"]
+    assert sum(v for k, v in secs.items() if k != "data" and k not in per) <= m["wall_s"]
 
 
 # ---- bench/compare.py: speed-ups, summary, launching ---------------------------------------------

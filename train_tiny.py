@@ -359,9 +359,13 @@ def run(args):
         return sampler[0](model, schedule, n, shape=shape, steps=sampler[1], generator=g, device=args.device,
                           batch_size=sample_batch)
 
-    def fds(ema, n):  # {sampler: FD of n samples}
-        return {s: fd_of_samples(net, draw(fast(ema), sampler, n), reference()) for s, sampler in samplers.items()
-                if net and n}
+    def fds(ema, n):  # {sampler: FD of n samples}; secs["eval_<sampler>"]: each one's seconds
+        out = {}
+        for s, sampler in samplers.items() if net and n else ():
+            t = time.time()
+            out[s] = fd_of_samples(net, draw(fast(ema), sampler, n), reference())
+            secs[f"eval_{s}"] = secs.get(f"eval_{s}", 0.0) + time.time() - t
+        return out
 
     def evaluate(result):  # train() calls it every `every` steps and at the end: FDs into result.extra, metrics
         t = time.time()

@@ -62,6 +62,10 @@ CANDIDATES = {  # name: train_tiny options on top of the h100 preset (warm-up 20
     # the preset (small_b256_lr1e3) with the 35-40 s the sampler's child frees spent on steps, or a higher peak lr
     "small_b256_lr1e3_9k": SMALL + "--batch-size 256 --lr 1e-3 --cooldown 1800 --steps 9000",
     "small_b256_lr15e4": SMALL + "--batch-size 256 --lr 1.5e-3 --cooldown 1500 --steps 7500",
+    # a probe, not a candidate (its wall time counts three samplers): 10,000 steps, and what fewer sampling steps
+    # cost in FID on the same network (metrics.json seconds.eval_<sampler>: what they cost in time)
+    "probe_10k_samplers": SMALL.replace("ddpm250", "ddpm250,ddpm100,ddim50") + "--batch-size 256 --lr 1e-3 "
+                          "--cooldown 2000 --steps 10000",
 }
 
 
@@ -86,9 +90,11 @@ def result(name, out, wall):
     """A finished run's wall seconds (process start to exit), FID-10k and what produced it."""
     with open(os.path.join(out, "metrics.json")) as f:
         m = json.load(f)
-    (sampler, curve), = m["evals"].items()
-    fid10k = m["final"][sampler] if m["final"] else curve[-1][1]  # the preset's final FID-10k, else the one eval
-    return dict(wall_s=wall, fid10k=fid10k, metric=m["metric"], sampler=sampler, steps=m["steps"],
+    # the preset's final FID-10k, else the one eval; a probe of several samplers: the first one's, all in `fids`
+    fids = {s: m["final"][s] if m["final"] else curve[-1][1] for s, curve in m["evals"].items()}
+    sampler = next(iter(fids))
+    return dict(wall_s=wall, fid10k=fids[sampler], metric=m["metric"], sampler=sampler, steps=m["steps"],
+                **({"fids": fids} if len(fids) > 1 else {}),
                 options=CANDIDATES[name], device=m["device"], img_per_s=m["history"][-1]["img_per_s"],
                 seconds=m.get("seconds"), host=host())  # seconds: setup (data, reference stats), evals, final
 
