@@ -63,9 +63,10 @@ CANDIDATES = {  # name: train_tiny options on top of the h100 preset (warm-up 20
     "small_b256_lr1e3_9k": SMALL + "--batch-size 256 --lr 1e-3 --cooldown 1800 --steps 9000",
     "small_b256_lr15e4": SMALL + "--batch-size 256 --lr 1.5e-3 --cooldown 1500 --steps 7500",
     # a probe, not a candidate (its wall time counts three samplers): what fewer sampling steps cost in FID on one
-    # network (metrics.json seconds.eval_<sampler>: what they save in time); 8,000 steps to fit a short lease
+    # network (metrics.json seconds.eval_<sampler>: what they save in time); small_b256_lr1e3_9k's training, so
+    # that its DDPM-250 FID is also one more seed of that candidate
     "probe_samplers": SMALL.replace("ddpm250", "ddpm250,ddpm100,ddpm50") + "--batch-size 256 --lr 1e-3 "
-                      "--cooldown 1600 --steps 8000",
+                      "--cooldown 1800 --steps 9000",
 }
 
 
