@@ -368,7 +368,7 @@ def test_quick_search_result_reads_the_fid_and_names_the_host(tmp_path):
     assert sys.platform != "linux" or r["host"].endswith(f" × {os.cpu_count()}")
     (tmp_path / "metrics.json").write_text(json.dumps({**m, "final": {"ddpm250": 15.9}}))  # a final FID-10k wins
     assert quick_search.result("h100_preset", str(tmp_path), 350.0)["fid10k"] == 15.9
-    probe = {**m, "evals": {"ddpm250": [[8000, 16.0]], "ddpm100": [[8000, 16.9]], "ddpm50": [[8000, 19.5]]}}
+    probe = {**m, "evals": {"ddpm250": [[9000, 16.0]], "ddpm100": [[9000, 16.9]], "ddpm50": [[9000, 19.5]]}}
     (tmp_path / "metrics.json").write_text(json.dumps(probe))  # the sampler probe: every sampler's FID, the first's
     r = quick_search.result("probe_samplers", str(tmp_path), 450.0)
     assert (r["fid10k"], r["sampler"]) == (16.0, "ddpm250")

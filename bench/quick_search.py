@@ -62,12 +62,11 @@ CANDIDATES = {  # name: train_tiny options on top of the h100 preset (warm-up 20
     # the preset (small_b256_lr1e3) with the 35-40 s the sampler's child frees spent on steps, or a higher peak lr
     "small_b256_lr1e3_9k": SMALL + "--batch-size 256 --lr 1e-3 --cooldown 1800 --steps 9000",
     "small_b256_lr15e4": SMALL + "--batch-size 256 --lr 1.5e-3 --cooldown 1500 --steps 7500",
-    # a probe, not a candidate (its wall time counts three samplers): what fewer sampling steps cost in FID on one
-    # network (metrics.json seconds.eval_<sampler>: what they save in time); small_b256_lr1e3_9k's training, so
-    # that its DDPM-250 FID is also one more seed of that candidate
-    "probe_samplers": SMALL.replace("ddpm250", "ddpm250,ddpm100,ddpm50") + "--batch-size 256 --lr 1e-3 "
-                      "--cooldown 1800 --steps 9000",
 }
+# a probe, not a candidate (its wall time counts three samplers): what fewer sampling steps cost in FID on one
+# network (metrics.json seconds.eval_<sampler>: what they save in time); small_b256_lr1e3_9k's training, derived
+# from it so that the two cannot drift apart and the probe's DDPM-250 FID is one more seed of that candidate
+CANDIDATES["probe_samplers"] = CANDIDATES["small_b256_lr1e3_9k"].replace("ddpm250", "ddpm250,ddpm100,ddpm50")
 
 
 def job(name, seed, args):
