@@ -5,6 +5,7 @@ Run: python -m pytest -q test_notebook.py
 """
 
 import os
+import pathlib
 import shutil
 import textwrap
 
@@ -100,7 +101,7 @@ def test_notebook_setup_on_fresh_colab_uploads_speed(tmp_path, monkeypatch):
     assert len(instructions) == 1 and "train_tiny.py" in instructions[0]
     assert "[fake Colab] upload dialog" in text
     assert f"speed from {tmp_path / 'speed.py'}" in text
-    assert (tmp_path / "speed.py").read_bytes() == open(os.path.join(ROOT, "speed.py"), "rb").read()
+    assert (tmp_path / "speed.py").read_bytes() == pathlib.Path(ROOT, "speed.py").read_bytes()
 
 
 def test_notebook_setup_without_speed_and_outside_colab_says_what_to_do(tmp_path, monkeypatch):

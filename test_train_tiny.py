@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -180,7 +181,7 @@ def _script(module, path):
 
 
 def _sha(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 def test_inception_download_checksums_and_call(tmp_path):

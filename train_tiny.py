@@ -10,7 +10,7 @@ Writes to --out: metrics.json (FD curve per sampler), samples.png, ckpt.pt (comp
 a child process that computes the reference statistics and compiles the sampler's network). Comparisons:
 bench/compare.py.
 """
-import argparse, ast, functools, hashlib, io, json, os, pickle, re, sys, tarfile, time  # noqa: E401
+import argparse, ast, functools, hashlib, io, json, os, pathlib, pickle, re, sys, tarfile, time  # noqa: E401
 import atexit, contextlib, multiprocessing, subprocess, urllib.request, zipfile, zlib  # noqa: E401
 from concurrent.futures import ProcessPoolExecutor
 
@@ -65,7 +65,7 @@ def read_images(path, limit=None):
         if os.path.isdir(path):
             names = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
                            if f.lower().endswith(IMAGE_EXTS))[:limit]
-            raw, labels = [open(n, "rb").read() for n in names], None
+            raw, labels = [pathlib.Path(n).read_bytes() for n in names], None
         else:
             with zipfile.ZipFile(path) as z:
                 files = z.namelist()
@@ -182,10 +182,10 @@ def load_feature_net(name_or_path="inception", cache_dir=None, sha256=None, devi
         raise ValueError(f"feature net {path!r} is neither 'inception' nor an existing file")
     with open(path, "rb") as f:
         digest, stamp = hashlib.file_digest(f, "sha256").hexdigest(), path + ".sha256"
-    want = sha256 or (open(stamp).read().strip() if os.path.exists(stamp) else None)
+    want = sha256 or (pathlib.Path(stamp).read_text().strip() if os.path.exists(stamp) else None)
     if want not in (None, digest):
         raise ValueError(f"{path} has sha256 {digest}, expected {want}")
-    want or name_or_path != "inception" or open(stamp, "w").write(digest)
+    want or name_or_path != "inception" or pathlib.Path(stamp).write_text(digest)
     net = torch.jit.load(path, map_location="cpu").eval()
     return FeatureNet(net, f"{os.path.basename(path)}:{digest[:12]}", device)
 
@@ -306,8 +306,8 @@ def run(args):
     """Train one strategy and seed, evaluating every steps/evals steps; returns the exit status. Under torchrun
     each rank trains on its share of every batch; rank 0 alone evaluates, writes and prints."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    partial = os.path.join(args.out, "metrics.partial.json")  # wall_s counts every call of a resumed run
-    t0 = time.time() - (json.load(open(partial))["wall_s"] if args.resume and os.path.exists(partial) else 0.0)
+    partial = pathlib.Path(args.out, "metrics.partial.json")  # wall_s counts every call of a resumed run
+    t0 = time.time() - (json.loads(partial.read_text())["wall_s"] if args.resume and partial.exists() else 0.0)
     fast_math()
     # the data and feature net: rank 0 first (it fetches and caches), the others read the data
     world > 1 and rank > 0 and dist.barrier()
