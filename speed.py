@@ -625,9 +625,9 @@ def train(model, images, schedule, strategy, *, steps, batch_size=128, lr=2e-4, 
 
     # the experiment (settings, strategy.config, model shapes, the caller's dict); its checkpoint, resumed bit for bit
     experiment = _plain(dict(batch_size=batch_size, seed=seed, lr=lr, warmup=warmup, grad_clip=grad_clip, flip=flip,
-                             weight_decay=weight_decay, ema_decay=ema_decay, target=target, world_size=world,
+                             weight_decay=weight_decay, ema_decay=ema_decay, precision=precision, world_size=world,
                              schedule=[schedule.T, round(float(schedule.alpha_bar.sum()), 9)], strategy=strategy.config,
-                             model=[type(model).__name__, [list(p.shape) for p in model.parameters()]],
+                             model=[type(model).__name__, [list(p.shape) for p in model.parameters()]], target=target,
                              **({"cooldown": cooldown} if cooldown else {}), **(experiment or {})), "experiment")
     parts = dict(model=model, ema=ema, opt=opt, scaler=scaler, strategy=strategy)
     sums, counts = torch.zeros(4, device=device), torch.zeros(4, device=device)  # loss, then MSE per area

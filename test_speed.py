@@ -1095,6 +1095,7 @@ def test_train_resume_equals_uninterrupted_run(tmp_path, strategy, opts):
     (dict(experiment={"data": "other.zip"}), "data"),
     (dict(model_kw={"ch": 8}), "model"),
     (dict(seed=2), "seed"),
+    (dict(precision="bf16"), "precision"),  # resolved: "auto" means bf16 on one GPU and fp16 on another
 ])
 def test_train_resume_refuses_another_experiment(tmp_path, change, field):
     """A checkpoint of another experiment raises ValueError naming the differing field; resume=False

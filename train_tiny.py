@@ -325,7 +325,7 @@ def run(args):
         model = speed.UNet(**arch)
     metric = [net and net.name]  # rank 0's, so that every rank checks the same identity on --resume
     world > 1 and dist.broadcast_object_list(metric)
-    experiment = dict(data=data, unet=dict(name=args.model, **arch), precision=args.precision, metric=metric[0],
+    experiment = dict(data=data, unet=dict(name=args.model, **arch), metric=metric[0],  # precision: train() has it
                       samplers=list(samplers), eval_samples=args.eval_samples)
     every, shape, args.metric = max(1, args.steps // args.evals), tuple(images.shape[1:]), net and (
         "FID" if net.kind == "inception" else "FD-" + re.sub(r"^cifar10-|\.pt$", "", net.name.split(":")[0]))
