@@ -304,7 +304,7 @@ def loss_aware_strategy(schedule, history=10, uniform_mix=1e-3):
     return LossAwareStrategy(config, schedule, history, uniform_mix)
 
 def speedit_strategy(schedule, k=5, tau=None, threshold=0.1, p2_k=1.0, p2_gamma=1.0):
-    """The early public "SpeeDiT" recipe: SpeeD's k:1 asymmetric sampling with P2 weighting."""
+    """SpeeD's k:1 sampling (tau from the areas) with P2 weights, after the early SpeeDiT code (docs/method.md §7)."""
     _check_threshold(threshold)
     tau = find_areas(schedule, threshold).tau if tau is None else tau
     return Strategy(dict(name="speedit", k=k, tau=tau, threshold=threshold, p2_k=p2_k, p2_gamma=p2_gamma), schedule,
