@@ -34,7 +34,7 @@ PRESETS = {  # options left unset take their preset's value, else DEFAULTS'
     "h100": dict(model="small", dropout=0.0, steps=7500, batch_size=256, lr=1e-3, cooldown=1500, ema_decay=0.999,
                  evals=1, eval_samples=10000, final_samples=0, eval_samplers="ddpm250", compile=True,
                  about="the quick check (small UNet, no dropout, 7,500 steps at batch 256 with an lr cool-down, "
-                       "6-7 minutes on one H100): FID of 10k DDPM-250"),
+                       "about 7 minutes on one H100): FID of 10k DDPM-250"),
     "t4": dict(model="tiny", steps=2000, batch_size=64, ema_decay=0.995, evals=4, eval_samples=2000, final_samples=0,
                about="a Colab T4 budget (tiny UNet, 2k steps, fp16): FID of 2k DDIM-25 samples, far from converged"),
     "cpu": dict(model="micro", steps=20, batch_size=8, lr=1e-3, warmup=5, ema_decay=0.9, evals=2, eval_samples=64,
