@@ -1,7 +1,7 @@
 """bench/merge_speed.py: bench/results/speed.json from the device calls' outputs (speed_call*/).
 
 Each call of bench/run_speed.sh wrote its own speed.json and multi_gpu_runs.jsonl (a call carries a
-limited time, so the parts were spread over calls 2-5 on one nvidia-h200-x2 lease). Later calls win.
+limited time, so the parts were spread over calls 2-5 on nvidia-h200-x2; call 2 got another pair of cards than calls 3-5). Later calls win.
 The sampler's time is bench_sampler.py's (sampler.jsonl), the quick check's bench/quick_search.py's.
 A call on another card (speed_h100/) becomes its own section of the file, never mixed into the top level.
 """
@@ -85,7 +85,7 @@ out["note"] = ("device: the card of the throughput numbers; quick_check_device: 
                "from empty caches, one run on the card; the wall depends on the host's CPU (it decodes, compiles and "
                "feeds Inception): these four ran on slower hosts (lease 5: 410 and 445 s; lease 6: 445 s, where the "
                "same work at lr 7e-4 took 415 s; lease 7: 407 s, the first with the sampler's network compiled in a "
-               "child process during training) than lease 4's, which ran it at lr 7e-4 in 351-361 s (bench/README, "
+               "child process during training) than lease 4's, which ran it at lr 7e-4 in 347-361 s (bench/README, "
                "quick_search).")
 with open(os.path.join(HERE, "speed.json"), "w") as f:
     json.dump(out, f, indent=1)

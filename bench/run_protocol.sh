@@ -41,7 +41,7 @@ timeout -s TERM "${LIMIT_S:-550}" python3 bench/compare.py --strategies "${STRAT
     --data .devdata/cifar10-train-jpeg75.zip --fid-model /tmp/devcache/inception-fid-fp16.pt --model tiny --dropout 0.1 \
     --steps 20000 --batch-size 128 --lr 5e-4 --cooldown 0 --evals 10 --eval-samplers ddpm250,ddim25 --eval-samples 5000 --final-samples 10000 $EXTRA
 cp -r bench/results/protocol/$ARM/. /tmp/protocol_keep/$ARM/
-# sample grids travel and are committed as JPEG-95 (bench/README.md), a third of the PNG's size
+# sample grids travel as JPEG-95, a third of the PNG's size (committed re-encoded at quality 90: bench/README.md)
 python3 -c "import glob, os, PIL.Image as I
 for f in glob.glob('bench/results/protocol/$ARM/*/samples.png'):
     I.open(f).convert('RGB').save(f[:-3] + 'jpg', quality=95, subsampling=0); os.remove(f)"
