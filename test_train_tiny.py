@@ -316,7 +316,9 @@ BAD = [(["--strategy", "speed:k=0"], "--strategy speed:k=0: k "), (["--strategy"
        (["--ema-decay", "1"], "--ema-decay"), (["--dropout", "1"], "--dropout"),
        (["--eval-samplers", "ddpm250,ddim0"], "--eval-samplers"),
        (["--data", "nowhere.zip"], "--data nowhere.zip"), (["--resume"], "--resume: no checkpoint"),
-       (["--preset", "big"], "--preset"), (["--bogus"], "unrecognized")]
+       (["--preset", "big"], "--preset"), (["--bogus"], "unrecognized"),
+       (["--seed", str(2 ** 64)], "--seed"), (["--eval-samples", "1"], "--eval-samples"),  # FD needs 2 samples
+       (["--final-samples", "1"], "--final-samples")]
 
 
 @pytest.mark.parametrize("bad, says", BAD, ids=[" ".join(b) for b, _ in BAD])
@@ -326,6 +328,18 @@ def test_bad_option_is_one_line_exit_2_and_creates_nothing(tmp_path, monkeypatch
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train_tiny: ") and says in err[0], err
     assert os.listdir(tmp_path) == []
+
+
+def test_out_and_cache_over_a_file_and_a_checkpoint_that_is_no_file_are_option_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f").write_text("")
+    (tmp_path / "run" / "ckpt.pt").mkdir(parents=True)
+    for bad, says in [(["--out", "f"], "--out f: "), (["--out", "f/sub"], "--out f/sub: "),
+                      (["--cache", "f/c"], "--cache f/c: "), (["--out", "run", "--resume"], "--resume: ")]:
+        assert train_tiny.main(["--quiet", *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"train_tiny: {says}"), err
+    assert sorted(os.listdir(tmp_path)) == ["f", "run"] and os.listdir(tmp_path / "run") == ["ckpt.pt"]
 
 
 def test_options_that_do_not_fit_the_data_name_the_option(tmp_path, data, capsys):
@@ -728,7 +742,9 @@ def test_launch_packs_runs_per_gpu_and_reports_failures(tmp_path, monkeypatch):
 def test_compare_rejects_bad_options_before_any_run(tmp_path, monkeypatch, capsys, data):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(compare, "launch", lambda *a, **k: 1 / 0)
-    for argv, says in [(["--strategies", "uniform,nonsense"], "--strategy nonsense"),
+    for argv, says in [(["--strategies", "uniform,nonsense"], "--strategies: nonsense"),
+                       (["--strategies", "uniform,speed,uniform"], "--strategies"),  # two runs, one folder
+                       (["--strategies", "uniform", "--seeds", "0,1,0"], "--seeds"),
                        (["--strategies", "uniform", "--", "--steps", "0"], "--steps"),
                        (["--strategies", "uniform", "--", "--seed", "1"], "--seed: set per run"),
                        (["--strategies", "uniform", "--per-gpu", "0"], "--per-gpu")]:

@@ -457,10 +457,17 @@ def check(args):
         why = str(e).strip().split(". ")[0] if os.path.isfile(args.fid_model) else "no such file"
         raise OptionError(f"--fid-model {args.fid_model}: {why}; valid: inception, none or a TorchScript file") \
             from None
-    if args.resume and not os.path.exists(os.path.join(args.out, "ckpt.pt")):
+    for opt, path in (("--out", args.out), ("--cache", args.cache)):  # a folder: made later, never over a file
+        if os.path.isfile(path) or any(os.path.isfile(p) for p in _parents(path)):
+            raise OptionError(f"{opt} {path}: a file is in the way; valid: a folder, new or existing")
+    if args.resume and not os.path.isfile(os.path.join(args.out, "ckpt.pt")):
         raise OptionError(f"--resume: no checkpoint {os.path.join(args.out, 'ckpt.pt')}; pass the run's --out, or "
                           f"start it without --resume")
     return args
+
+def _parents(path):  # the folders above path, up to the root
+    path = os.path.dirname(os.path.abspath(path))
+    return [path] + (_parents(path) if path != os.path.dirname(path) else [])
 
 def parse_args(argv=None):
     """Command line -> args with the preset filled in; raises OptionError naming the first bad option."""
@@ -469,7 +476,8 @@ def parse_args(argv=None):
     add = p.add_argument  # options without a default take their preset's value
     add("--preset", choices=sorted(PRESETS), help="budget: h100 (default on a GPU), t4 (Colab), cpu (smoke run)")
     add("--strategy", default="speed", help=f"{', '.join(speed.STRATEGIES)}; options as name:key=value:...")
-    add("--seed", type=count, default=0, help="seeds the initial weights, the data order and the noise")
+    add("--seed", type=_arg(int, lambda v: 0 <= v < 2 ** 62, "an integer in [0, 2**62)"), default=0,
+        help="seeds the initial weights, the data order and the noise")
     add("--data", help="dataset zip or image folder (default: download CIFAR-10)")
     add("--limit", type=pos, help="use only the first N images")
     add("--subset", type=pos, help="train on a fixed class-balanced N-image subset (FD against it)")
@@ -479,8 +487,9 @@ def parse_args(argv=None):
     add("--steps", type=pos, help="training steps")
     add("--evals", type=pos, help="evaluations during training")
     add("--batch-size", type=pos, help="images per step (under torchrun: over all processes)")
-    add("--eval-samples", type=pos, help="samples per evaluation")
-    add("--final-samples", type=count, help="samples of a final evaluation (0: none)")
+    add("--eval-samples", type=_arg(int, lambda v: v >= 2, "an integer >= 2"), help="samples per evaluation")
+    add("--final-samples", type=_arg(int, lambda v: v == 0 or v >= 2, "0 or an integer >= 2"),
+        help="samples of a final evaluation (0: none)")
     add("--eval-samplers", help="comma-separated ddpmN (ancestral, N respaced steps) or ddimN, e.g. ddpm250,ddim25")
     add("--lr", type=_arg(float, lambda v: 0 < v < float("inf"), "a number > 0"), help="peak learning rate")
     add("--warmup", type=count, help="steps of learning-rate warm-up")

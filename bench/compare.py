@@ -293,9 +293,11 @@ def parse_args(argv):
     own, train_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     p = train_tiny._Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                            allow_abbrev=False)
-    p.add_argument("--strategies", required=True, type=lambda s: s.split(","), help="comma-separated; first = baseline")
+    p.add_argument("--strategies", required=True, help="comma-separated; first = baseline", type=train_tiny._arg(
+        lambda s: s.split(","), lambda v: len(set(v)) == len(v), "comma-separated strategies, each once"))
     p.add_argument("--seeds", default=[0], help="comma-separated seeds", type=train_tiny._arg(
-        lambda s: [int(x) for x in s.split(",")], lambda v: min(v) >= 0, "comma-separated integers >= 0"))
+        lambda s: [int(x) for x in s.split(",")], lambda v: min(v) >= 0 and len(set(v)) == len(v),
+        "comma-separated integers >= 0, each once"))
     p.add_argument("--out", default=os.path.join("runs", "compare"), help="folder for the runs and the summary")
     p.add_argument("--gpus", help="comma-separated GPU ids (default: all visible; none on a CPU)", type=train_tiny._arg(
         lambda s: [int(x) for x in s.split(",")], lambda v: min(v) >= 0, "comma-separated GPU ids"))
@@ -323,8 +325,8 @@ def main(argv=None):
             summarize(args.out, args.strategies, args.seeds, runs_from=args.runs_from)
             return 0
         jobs = plan(args, train_args)
-    except (train_tiny.OptionError, ValueError) as e:
-        print(f"compare: {' '.join(str(e).split())}", file=sys.stderr)
+    except (train_tiny.OptionError, ValueError) as e:  # a run's --strategy is one of our --strategies
+        print(f"compare: {' '.join(str(e).split()).replace('--strategy ', '--strategies: ', 1)}", file=sys.stderr)
         return 2
     try:
         failed = launch(jobs, args.gpus, args.per_gpu)
