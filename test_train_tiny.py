@@ -334,12 +334,18 @@ def test_out_and_cache_over_a_file_and_a_checkpoint_that_is_no_file_are_option_e
     monkeypatch.chdir(tmp_path)
     (tmp_path / "f").write_text("")
     (tmp_path / "run" / "ckpt.pt").mkdir(parents=True)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "ckpt.pt").write_text("not a checkpoint")
+    (tmp_path / "done").mkdir()
+    torch.save({"step": 4}, tmp_path / "done" / "ckpt.pt")
     for bad, says in [(["--out", "f"], "--out f: "), (["--out", "f/sub"], "--out f/sub: "),
-                      (["--cache", "f/c"], "--cache f/c: "), (["--out", "run", "--resume"], "--resume: ")]:
+                      (["--cache", "f/c"], "--cache f/c: "), (["--out", "run", "--resume"], "--resume: "),
+                      (["--out", "junk", "--resume"], "--resume: "),
+                      (["--out", "done", "--resume", "--steps", "2"], "--steps 2: ")]:  # it would stop at 4, "done"
         assert train_tiny.main(["--quiet", *bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"train_tiny: {says}"), err
-    assert sorted(os.listdir(tmp_path)) == ["f", "run"] and os.listdir(tmp_path / "run") == ["ckpt.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["done", "f", "junk", "run"] and os.listdir(tmp_path / "run") == ["ckpt.pt"]
 
 
 def test_options_that_do_not_fit_the_data_name_the_option(tmp_path, data, capsys):
@@ -745,6 +751,7 @@ def test_compare_rejects_bad_options_before_any_run(tmp_path, monkeypatch, capsy
     for argv, says in [(["--strategies", "uniform,nonsense"], "--strategies: nonsense"),
                        (["--strategies", "uniform,speed,uniform"], "--strategies"),  # two runs, one folder
                        (["--strategies", "uniform", "--seeds", "0,1,0"], "--seeds"),
+                       (["--strategies", "uniform", "--gpus", "99"], "--gpus 99: no such GPU"),
                        (["--strategies", "uniform", "--", "--steps", "0"], "--steps"),
                        (["--strategies", "uniform", "--", "--seed", "1"], "--seed: set per run"),
                        (["--strategies", "uniform", "--per-gpu", "0"], "--per-gpu")]:

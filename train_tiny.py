@@ -460,9 +460,17 @@ def check(args):
     for opt, path in (("--out", args.out), ("--cache", args.cache)):  # a folder: made later, never over a file
         if os.path.isfile(path) or any(os.path.isfile(p) for p in _parents(path)):
             raise OptionError(f"{opt} {path}: a file is in the way; valid: a folder, new or existing")
-    if args.resume and not os.path.isfile(os.path.join(args.out, "ckpt.pt")):
-        raise OptionError(f"--resume: no checkpoint {os.path.join(args.out, 'ckpt.pt')}; pass the run's --out, or "
-                          f"start it without --resume")
+    ckpt = os.path.join(args.out, "ckpt.pt")
+    if args.resume and not os.path.isfile(ckpt):
+        raise OptionError(f"--resume: no checkpoint {ckpt}; pass the run's --out, or start it without --resume")
+    try:  # the step it holds (mmap: nothing else is read now)
+        done = args.resume and torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except (RuntimeError, OSError, KeyError, pickle.UnpicklingError, EOFError) as e:
+        raise OptionError(f"--resume: {ckpt} is not a checkpoint torch can read ({type(e).__name__}); start the "
+                          f"run over without --resume") from None
+    if done and done > args.steps:
+        raise OptionError(f"--steps {args.steps}: the checkpoint in {args.out} is at step {done} already; valid: "
+                          f"--steps >= {done}")
     return args
 
 def _parents(path):  # the folders above path, up to the root

@@ -311,7 +311,11 @@ def parse_args(argv):
     if clash:
         raise train_tiny.OptionError(f"{clash[0]}: set per run by compare (--strategies, --seeds, --out, --resume)")
     import torch
-    args.gpus = args.gpus if args.gpus is not None else list(range(torch.cuda.device_count()))
+    n = torch.cuda.device_count()
+    if args.gpus is not None and max(args.gpus) >= n:
+        raise train_tiny.OptionError(f"--gpus {','.join(map(str, args.gpus))}: no such GPU; valid: " +
+                                     (f"ids 0 .. {n - 1}" if n else "none (this machine has no CUDA GPU)"))
+    args.gpus = args.gpus if args.gpus is not None else list(range(n))
     return args, train_args
 
 
