@@ -458,24 +458,24 @@ def check(args):
         raise OptionError(f"--fid-model {args.fid_model}: {why}; valid: inception, none or a TorchScript file") \
             from None
     for opt, path in (("--out", args.out), ("--cache", args.cache)):  # a folder: made later, never over a file
-        if os.path.isfile(path) or any(os.path.isfile(p) for p in _parents(path)):
+        near = os.path.abspath(path)
+        while not os.path.exists(near):  # the nearest part of the path that exists must be a folder
+            near = os.path.dirname(near)
+        if not os.path.isdir(near):
             raise OptionError(f"{opt} {path}: a file is in the way; valid: a folder, new or existing")
     ckpt = os.path.join(args.out, "ckpt.pt")
-    if args.resume and not os.path.isfile(ckpt):
-        raise OptionError(f"--resume: no checkpoint {ckpt}; pass the run's --out, or start it without --resume")
-    try:  # the step it holds (mmap: nothing else is read now)
-        done = args.resume and torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["step"]
-    except (RuntimeError, OSError, KeyError, pickle.UnpicklingError, EOFError) as e:
-        raise OptionError(f"--resume: {ckpt} is not a checkpoint torch can read ({type(e).__name__}); start the "
-                          f"run over without --resume") from None
-    if done and done > args.steps:
-        raise OptionError(f"--steps {args.steps}: the checkpoint in {args.out} is at step {done} already; valid: "
-                          f"--steps >= {done}")
+    if args.resume:
+        if not os.path.isfile(ckpt):
+            raise OptionError(f"--resume: no checkpoint {ckpt}; pass the run's --out, or start it without --resume")
+        try:  # the step it holds (mmap: nothing else is read now)
+            done = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["step"]
+        except (RuntimeError, OSError, KeyError, pickle.UnpicklingError, EOFError) as e:
+            raise OptionError(f"--resume: {ckpt} is not a checkpoint torch can read ({type(e).__name__}); start "
+                              f"the run over without --resume") from None
+        if done > args.steps:
+            raise OptionError(f"--steps {args.steps}: the checkpoint in {args.out} is at step {done} already; "
+                              f"valid: --steps >= {done}")
     return args
-
-def _parents(path):  # the folders above path, up to the root
-    path = os.path.dirname(os.path.abspath(path))
-    return [path] + (_parents(path) if path != os.path.dirname(path) else [])
 
 def parse_args(argv=None):
     """Command line -> args with the preset filled in; raises OptionError naming the first bad option."""

@@ -235,7 +235,10 @@ def plan(args, train_args):
             resume = args.resume and os.path.exists(os.path.join(d, "ckpt.pt"))
             argv = train_args + ["--strategy", spec, "--seed", str(seed), "--out", d, "--quiet"] + \
                 (["--resume"] if resume else [])
-            train_tiny.parse_args(argv)
+            try:
+                train_tiny.parse_args(argv)
+            except train_tiny.OptionError as e:  # this run's --strategy is one of our --strategies
+                raise train_tiny.OptionError(str(e).replace(f"--strategy {spec}", f"--strategies: {spec}", 1)) from None
             if os.path.exists(os.path.join(d, "ckpt.pt")) and not resume:
                 raise train_tiny.OptionError(f"--out {args.out} holds a checkpoint in {d}; pass --resume to "
                                              f"continue it, or choose another --out")
@@ -329,8 +332,8 @@ def main(argv=None):
             summarize(args.out, args.strategies, args.seeds, runs_from=args.runs_from)
             return 0
         jobs = plan(args, train_args)
-    except (train_tiny.OptionError, ValueError) as e:  # a run's --strategy is one of our --strategies
-        print(f"compare: {' '.join(str(e).split()).replace('--strategy ', '--strategies: ', 1)}", file=sys.stderr)
+    except (train_tiny.OptionError, ValueError) as e:
+        print(f"compare: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     try:
         failed = launch(jobs, args.gpus, args.per_gpu)

@@ -1,7 +1,8 @@
 """bench/merge_speed.py: bench/results/speed.json from the device calls' outputs (speed_call*/).
 
 Each call of bench/run_speed.sh wrote its own speed.json and multi_gpu_runs.jsonl (a call carries a
-limited time, so the parts were spread over calls 2-5 on nvidia-h200-x2; call 2 got another pair of cards than calls 3-5). Later calls win.
+limited time, so the parts were spread over calls 2-5 on nvidia-h200-x2; call 2 got another pair of cards
+than calls 3-5). Later calls win.
 The sampler's time is bench_sampler.py's (sampler.jsonl), the quick check's bench/quick_search.py's.
 A call on another card (speed_h100/) becomes its own section of the file, never mixed into the top level.
 """
