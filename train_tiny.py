@@ -352,18 +352,23 @@ def run(args):
             print(f"train_tiny: preparing the evaluation ahead failed (see "
                   f"{os.path.join(args.out, 'compile.log')}); doing it now", file=sys.stderr)
         secs["compile_wait"] = time.time() - t  # 0 when the child finished during training
-        return sampler_net(ema)
+        ema = sampler_net(ema)
+        secs["sampler_load"] = time.time() - t - secs["compile_wait"]  # the compiled network, from the child's cache
+        return ema
 
     def draw(model, sampler, n, seed=12345):  # fixed noise: the same for every run and evaluation
         g = torch.Generator(args.device).manual_seed(seed)
         return sampler[0](model, schedule, n, shape=shape, steps=sampler[1], generator=g, device=args.device,
                           batch_size=sample_batch)
 
-    def fds(ema, n):  # {sampler: FD of n samples}; secs["eval_<sampler>"]: each one's seconds
+    def fds(ema, n):  # {sampler: FD of n samples}; secs: each sampler's seconds, all and the sampling alone
         out = {}
         for s, sampler in samplers.items() if net and n else ():
-            t = time.time()
-            out[s] = fd_of_samples(net, draw(fast(ema), sampler, n), reference())
+            t, model = time.time(), fast(ema)
+            t1, x = time.time(), draw(model, sampler, n)
+            args.device.type == "cuda" and torch.cuda.synchronize(args.device)
+            secs[f"sample_{s}"] = secs.get(f"sample_{s}", 0.0) + time.time() - t1
+            out[s] = fd_of_samples(net, x, reference())  # Inception features (and the reference, first) and FD
             secs[f"eval_{s}"] = secs.get(f"eval_{s}", 0.0) + time.time() - t
         return out
 
