@@ -84,10 +84,10 @@ out["note"] = ("device: the card of the throughput numbers; quick_check_device: 
                "train_img_s_tiny (speed_call3) and train_img_s_tiny_before (speed_call4) come from two calls on the "
                "same machine a few minutes apart, not from one process. quick_check_*: mean over seeds of whole runs "
                "from empty caches, one run on the card; the wall depends on the host's CPU (it decodes, compiles and "
-               "feeds Inception): these four ran on slower hosts (lease 5: 410 and 445 s; lease 6: 445 s, where the "
+               "feeds Inception): these five ran on slower hosts (lease 5: 410 and 445 s; lease 6: 445 s, where the "
                "same work at lr 7e-4 took 415 s; lease 7: 407 s, the first with the sampler's network compiled in a "
-               "child process during training) than lease 4's, which ran it at lr 7e-4 in 347-361 s (bench/README, "
-               "quick_search).")
+               "child process during training; lease 10: 377 s, the child also computing the reference statistics) "
+               "than lease 4's, which ran it at lr 7e-4 in 347-361 s (bench/README, quick_search).")
 with open(os.path.join(HERE, "speed.json"), "w") as f:
     json.dump(out, f, indent=1)
 print(json.dumps({k: v for k, v in out.items() if k != "raw"}, indent=1))
