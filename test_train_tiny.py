@@ -5,6 +5,7 @@ tests of the real Inception network and the shared data skip where ../shared is 
 touches the network: downloads go to file:// URLs or are blocked.
 """
 import argparse
+import collections
 import glob
 import hashlib
 import io
@@ -575,11 +576,14 @@ def test_metrics_say_where_the_time_went(tmp_path, data, monkeypatch):
     monkeypatch.setattr(train_tiny, "fd_of_samples", slow)
     load = train_tiny.load_data  # and the data 0.3 s: a part of the setup
     monkeypatch.setattr(train_tiny, "load_data", lambda *a: time.sleep(0.3) or load(*a))
-    out = tmp_path / "run"
+    out = tmp_path / "run"  # and what torch.compile's cache did (in this process: nothing; a GPU run fills it)
+    monkeypatch.setitem(torch._dynamo.utils.counters, "inductor", collections.Counter(
+        fxgraph_cache_hit=1, fxgraph_cache_miss=2, pattern_matcher_count=7))
     assert train_tiny.main(_argv(data, out, "--steps", "2", "--evals", "2", "--fid-model", _script(
         FakeGeneric(), tmp_path / "fdnet.pt"), "--eval-samplers", "ddpm3,ddim2", "--eval-samples", "4",
         "--final-samples", "4")) == 0
     m = json.loads((out / "metrics.json").read_text())
+    assert m["compile_cache"] == dict(fxgraph_cache_hit=1, fxgraph_cache_miss=2)
     secs = m["seconds"]
     assert secs["evals"] >= 0.4 and 0.2 <= secs["final"] < secs["evals"] and 0.3 <= secs["data"] <= secs["setup"]
     per = {k: v for k, v in secs.items() if k.startswith("eval_")}  # each sampler's share of evals and final

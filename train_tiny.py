@@ -292,7 +292,8 @@ def write_metrics(args, result, data, t0, final=None, seconds=None):
     m = dict(strategy=args.strategy, strategy_config=result.strategy.config, seed=args.seed, preset=args.preset,
              metric=args.metric, evals=result.extra.get("evals", {}), final=final, final_samples=args.final_samples,
              steps=result.step, planned_steps=args.steps, finished=final is not None, wall_s=time.time() - t0,
-             seconds=seconds,
+             seconds=seconds,  # and torch.compile's on-disk cache: the step's graphs miss (cold), the sampler's hits
+             compile_cache={k: v for k, v in torch._dynamo.utils.counters["inductor"].items() if "fxgraph" in k},
              device=torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu", data=data,
              config={k: str(v) if k == "device" else v for k, v in vars(args).items()}, history=result.history)
     path, partial = os.path.join(args.out, "metrics.json"), os.path.join(args.out, "metrics.partial.json")
