@@ -784,6 +784,28 @@ def test_compare_end_to_end_then_resume_skips_finished_runs(tmp_path, data, monk
     assert compare.main(["--resume", *argv]) == 0 and launched == []
 
 
+def test_cache_keys_names_the_component_a_miss_differs_in(tmp_path, capsys):
+    import cache_keys  # reads TORCH_TRACE logs (a header line, then the payload's lines after a tab)
+
+    def log(name, *events):  # events: (kind, key, {component: value})
+        lines = []
+        for kind, key, comps in events:
+            comps = [f"[{hashlib.md5(v.encode()).hexdigest()[:8]}] {c}: {v}" for c, v in comps.items()]
+            lines += [f'V1208 05:45:11.1 7057 x.py:217] {{"artifact": {{"name": "{kind}", "encoding": "json"}}}}',
+                      "\t" + json.dumps(dict(key=key, components=comps))]
+        (tmp_path / name).write_text("\n".join(["V1208 05:45:10.0 7057 x.py:1] {\"str\": [\"other\"]}", *lines]) + "\n")
+    graph = dict(gm="def forward(x)", inductor_config="{'triton.autotune_pointwise': False}")
+    log("child.log", ("fx_graph_cache_miss", "kchild", {**graph, "example_inputs[0]": "stride=(64, 1, 64, 64)"}))
+    log("parent.log", ("fx_graph_cache_miss", "kstep", dict(gm="def backward(g)")),
+        ("fx_graph_cache_miss", "kparent", {**graph, "example_inputs[0]": "stride=(64, 1, 1, 1)"}))
+    logs = cache_keys.explain(str(tmp_path))
+    assert [k for k, _ in logs["parent.log"]] == ["fx_graph_cache_miss"] * 2
+    out = capsys.readouterr().out
+    parent = out.split("parent.log missed kparent")[1].split("missed")[0]  # closest: the child's entry, 1 difference
+    assert "closest: child.log (1 components differ)" in parent and "stride=(64, 1, 1, 1)" in parent
+    assert "stride=(64, 1, 64, 64)" in parent and "inductor_config" not in parent
+
+
 def test_every_mutant_of_bench_mutations_still_applies_to_speed_py():
     import mutations  # a mutant whose pattern speed.py lost would stop the script: catch it here, not on a rerun
     source = open(os.path.join(HERE, "speed.py")).read()

@@ -236,6 +236,32 @@ def compile_blocks_time(size="small", batch=256, steps=40, device="cuda", ways=(
     return out
 
 
+def sample_first(way, size="small", n=10000, steps=250, batch=2500, device="cuda"):
+    """The quick check's sampling alone, from a cold cache (lease 10: 74-76 s in train_tiny against ~46 s from
+    lease 7's 50-step timing): seconds of the first call of train_tiny.sampler_net (compile or cache load, one step),
+    then n DDPM-`steps` samples at `batch`, and the FX-graph cache counters. way: "at" (pointwise kernels autotuned)
+    or "noat" (fast_math's heuristic configs, as train_tiny runs), or "noat_child" (train_tiny's child compiles first,
+    as fast_math has it, and this process reads its cache). One way per process."""
+    with cold_cache() as cache:
+        torch._inductor.config.triton.autotune_pointwise = not way.startswith("noat")
+        arch, out = {**speed.UNET_SIZES[size], "dropout": 0.0}, {}
+        t = time.perf_counter()
+        if way.endswith("_child"):  # the child inherits the environment (this cache) and calls fast_math
+            train_tiny.precompile(arch, (3, 32, 32), batch, device, os.path.join(cache, "compile.log")).wait()
+        out["child_s"] = time.perf_counter() - t
+        torch._dynamo.utils.counters.clear()
+        fmt = torch.channels_last if device == "cuda" else torch.contiguous_format  # as train() leaves the EMA
+        ema = speed.UNet(**arch).to(device, memory_format=fmt).eval().requires_grad_(False)
+        net, sch, g = train_tiny.sampler_net(ema), speed.make_schedule(), torch.Generator(device).manual_seed(0)
+        for name, k, steps_k in (("first_s", batch, 1), ("n_s", n, steps)):
+            t = time.perf_counter()
+            speed.ddpm_sample(net, sch, k, steps=steps_k, batch_size=batch, generator=g, device=device)
+            device == "cuda" and torch.cuda.synchronize()
+            out[name] = time.perf_counter() - t
+        out.update({k: v for k, v in torch._dynamo.utils.counters["inductor"].items() if "fxgraph" in k})
+    return out
+
+
 def inception_first(path, way, n=10000, batch=500):
     """Seconds of a process's first Inception features, as train_tiny's first evaluation meets them (lease 8: its
     evaluation took 23 s longer once the reference statistics moved to the child): loading, the first and second
@@ -292,11 +318,11 @@ def main():
     p.add_argument("--before", default=None, help="the previous speed.py, for train_img_s_tiny_before")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speed.json"))
     parts = ("train", "sizes", "small_batches", "profile", "profile_ddpm", "ops_ddpm", "sample", "profile_sample", "fd",
-             "inception", "before", "compile", "compile_child", "compile_blocks", "inception_first")
+             "inception", "before", "compile", "compile_child", "compile_blocks", "inception_first", "sample_first")
     p.add_argument("--only", default=",".join(parts), help="comma-separated parts: " + ",".join(parts))
     p.add_argument("--ways", default="whole,blocks",
                    help="compile_blocks: whole, blocks, whole_noat, blocks_noat; inception_first: bench, nobench, "
-                        "noopt (one per process)")
+                        "noopt; sample_first: at, noat, noat_child (one per process)")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
     res = json.load(open(args.out)) if os.path.exists(args.out) else {}
@@ -370,6 +396,11 @@ def main():
         raw["inception_img_s"] = r
         res["inception_img_s"] = max(v for v in r.values() if isinstance(v, float))
         log(f"Inception features: {r}")
+
+    def sample_first_part():  # one --ways per process: at, noat, noat_child
+        for way in args.ways.split(","):
+            raw.setdefault("sample_first_small", {})[way] = r = sample_first(way)
+            log(f"the quick check's sampling, small UNet, 10k DDPM-250 ({way}): {r}")
 
     def inception_first_part():  # one --ways per process: bench, nobench, noopt
         for way in args.ways.split(","):
