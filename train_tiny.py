@@ -292,7 +292,7 @@ def write_metrics(args, result, data, t0, final=None, seconds=None):
     m = dict(strategy=args.strategy, strategy_config=result.strategy.config, seed=args.seed, preset=args.preset,
              metric=args.metric, evals=result.extra.get("evals", {}), final=final, final_samples=args.final_samples,
              steps=result.step, planned_steps=args.steps, finished=final is not None, wall_s=time.time() - t0,
-             seconds=seconds,  # and torch.compile's on-disk cache: the step's graphs miss (cold), the sampler's hits
+             seconds=seconds,  # next, torch.compile's disk cache: a cold run misses the step, should hit the sampler
              compile_cache={k: v for k, v in torch._dynamo.utils.counters["inductor"].items() if "fxgraph" in k},
              device=torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu", data=data,
              config={k: str(v) if k == "device" else v for k, v in vars(args).items()}, history=result.history)
@@ -353,9 +353,7 @@ def run(args):
             print(f"train_tiny: preparing the evaluation ahead failed (see "
                   f"{os.path.join(args.out, 'compile.log')}); doing it now", file=sys.stderr)
         secs["compile_wait"] = time.time() - t  # 0 when the child finished during training
-        ema = sampler_net(ema)
-        secs["sampler_load"] = time.time() - t - secs["compile_wait"]  # the compiled network, from the child's cache
-        return ema
+        return sampler_net(ema)  # compiled lazily: its first call (in seconds.sample_*) reads the child's cache
 
     def draw(model, sampler, n, seed=12345):  # fixed noise: the same for every run and evaluation
         g = torch.Generator(args.device).manual_seed(seed)
