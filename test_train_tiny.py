@@ -787,23 +787,29 @@ def test_compare_end_to_end_then_resume_skips_finished_runs(tmp_path, data, monk
 def test_cache_keys_names_the_component_a_miss_differs_in(tmp_path, capsys):
     import cache_keys  # reads TORCH_TRACE logs (a header line, then the payload's lines after a tab)
 
-    def log(name, *events):  # events: (kind, key, {component: value})
-        lines = []
+    def log(name, *events, text="train_tiny.py"):  # events: (kind, key, {component: value}); text: an interned str
+        lines = [f'V1208 05:45:10.0 7057 x.py:1] {{"str": ["{text}", 0]}}']
         for kind, key, comps in events:
             comps = [f"[{hashlib.md5(v.encode()).hexdigest()[:8]}] {c}: {v}" for c, v in comps.items()]
             lines += [f'V1208 05:45:11.1 7057 x.py:217] {{"artifact": {{"name": "{kind}", "encoding": "json"}}}}',
-                      "\t" + json.dumps(dict(key=key, components=comps))]
-        (tmp_path / name).write_text("\n".join(["V1208 05:45:10.0 7057 x.py:1] {\"str\": [\"other\"]}", *lines]) + "\n")
-    graph = dict(gm="def forward(x)", inductor_config="{'triton.autotune_pointwise': False}")
-    log("child.log", ("fx_graph_cache_miss", "kchild", {**graph, "example_inputs[0]": "stride=(64, 1, 64, 64)"}))
-    log("parent.log", ("fx_graph_cache_miss", "kstep", dict(gm="def backward(g)")),
-        ("fx_graph_cache_miss", "kparent", {**graph, "example_inputs[0]": "stride=(64, 1, 1, 1)"}))
-    logs = cache_keys.explain(str(tmp_path))
-    assert [k for k, _ in logs["parent.log"]] == ["fx_graph_cache_miss"] * 2
+                      "\t" + json.dumps(dict(key=key, components=comps) if key else dict(cache_bypass_reason="pickle"))]
+        lines += ['V1208 05:45:12.0 7057 x.py:2009] {"compilation_metrics": {"co_name": "forward", '
+                  '"entire_frame_compile_time_s": 29.5}}', 'V1208 05:45:13.0 7057 x.py:3] {"artifact": {"name": "cut']
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    graph = dict(gm="def forward(x): " + "y = x; " * 100 + "return y", inductor_config="{'autotune_pointwise': False}")
+    log("child.log", ("fx_graph_cache_miss", "kchild", {**graph, "example_inputs[0]": "stride=(64, 1, 64, 64)"}),
+        text="train_tiny.prepare_evaluation")
+    log("parent.log", ("fx_graph_cache_miss", "kstep", dict(gm="def backward(g)")), ("fx_graph_cache_bypass", None, {}),
+        ("fx_graph_cache_miss", "kparent", {**graph, "gm": graph["gm"].replace("return y", "return -y"),
+                                            "example_inputs[0]": "stride=(64, 1, 1, 1)"}))
+    logs = cache_keys.explain(str(tmp_path), width=40)
+    assert [k for k, _ in cache_keys.events(logs["parent.log (trainer)"])] == ["miss", "bypass", "miss"]
     out = capsys.readouterr().out
-    parent = out.split("parent.log missed kparent")[1].split("missed")[0]  # closest: the child's entry, 1 difference
-    assert "closest: child.log (1 components differ)" in parent and "stride=(64, 1, 1, 1)" in parent
-    assert "stride=(64, 1, 64, 64)" in parent and "inductor_config" not in parent
+    assert "bypass - pickle" in out and "frame forward: 29.5 s compiling" in out  # a bypass has no key
+    parent = out.split("parent.log (trainer) missed kparent")[1].split("missed")[0]  # closest: the child's entry
+    assert "closest: child.log (child): 2 components differ, 1 of them inputs' metadata" in parent
+    assert "(64, 1, 1, 1)" in parent and "(64, 1, 64, 64)" in parent and "inductor_config" not in parent
+    assert "return -y" in parent and "return y" in parent  # where the graphs part, not their shared start
 
 
 def test_every_mutant_of_bench_mutations_still_applies_to_speed_py():

@@ -236,20 +236,31 @@ def compile_blocks_time(size="small", batch=256, steps=40, device="cuda", ways=(
     return out
 
 
-def sample_first(way, size="small", n=10000, steps=250, batch=2500, device="cuda"):
+SAMPLE_WAYS = ("at", "noat", "noat_child", "noat_child_ref")
+
+
+def sample_first(way, size="small", n=10000, steps=250, batch=2500, device="cuda", ref_opts=None):
     """The quick check's sampling alone, from a cold cache (lease 10: 74-76 s in train_tiny against ~46 s from
-    lease 7's 50-step timing): seconds of the first call of train_tiny.sampler_net (compile or cache load, one step),
-    then n DDPM-`steps` samples at `batch`, and the FX-graph cache counters. way: "at" (pointwise kernels autotuned)
-    or "noat" (fast_math's heuristic configs, as train_tiny runs), or "noat_child" (train_tiny's child compiles first,
-    as fast_math has it, and this process reads its cache). One way per process."""
+    lease 7's 50-step timing): seconds of the first call of train_tiny.sampler_net (compile or cache load, one step)
+    with Dynamo's split of it, then n DDPM-`steps` samples at `batch`, and the cache counters. way: "at" (pointwise
+    kernels autotuned), "noat" (fast_math's heuristic configs, as train_tiny runs), "noat_child" (train_tiny's child
+    compiles first and this process reads its cache) or "noat_child_ref" (the child first computes the reference
+    statistics, as train_tiny's does: ref_opts, setup's options data, cache, limit, subset, fid_model, device).
+    One way per process."""
+    if way not in SAMPLE_WAYS:
+        raise ValueError(f"sample_first: way {way!r} is not one of {', '.join(SAMPLE_WAYS)}")
     with cold_cache() as cache:
         torch._inductor.config.triton.autotune_pointwise = not way.startswith("noat")
         arch, out = {**speed.UNET_SIZES[size], "dropout": 0.0}, {}
-        t = time.perf_counter()
-        if way.endswith("_child"):  # the child inherits the environment (this cache) and calls fast_math
-            train_tiny.precompile(arch, (3, 32, 32), batch, device, os.path.join(cache, "compile.log")).wait()
+        t, log = time.perf_counter(), os.path.join(cache, "compile.log")
+        if "_child" in way:  # the child inherits the environment (this cache) and calls fast_math
+            opts = {**ref_opts, "cache": os.path.join(cache, "data")} if way.endswith("_ref") else None
+            out["child_rc"] = train_tiny.precompile(arch, (3, 32, 32), batch, device, log, opts).wait()
+            out["child_log"] = open(log).read()[-500:]
         out["child_s"] = time.perf_counter() - t
         torch._dynamo.utils.counters.clear()
+        spent = torch._dynamo.utils.calculate_time_spent
+        since = dict(spent())
         fmt = torch.channels_last if device == "cuda" else torch.contiguous_format  # as train() leaves the EMA
         ema = speed.UNet(**arch).to(device, memory_format=fmt).eval().requires_grad_(False)
         net, sch, g = train_tiny.sampler_net(ema), speed.make_schedule(), torch.Generator(device).manual_seed(0)
@@ -258,7 +269,9 @@ def sample_first(way, size="small", n=10000, steps=250, batch=2500, device="cuda
             speed.ddpm_sample(net, sch, k, steps=steps_k, batch_size=batch, generator=g, device=device)
             device == "cuda" and torch.cuda.synchronize()
             out[name] = time.perf_counter() - t
-        out.update({k: v for k, v in torch._dynamo.utils.counters["inductor"].items() if "fxgraph" in k})
+            out.setdefault("first_phases", {k: v - since.get(k, 0.0) for k, v in spent().items()})
+        c = torch._dynamo.utils.counters
+        out.update({k: v for grp in ("inductor", "aot_autograd") for k, v in c[grp].items() if "cache" in k})
     return out
 
 
@@ -316,13 +329,14 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--inception", required=True)
     p.add_argument("--before", default=None, help="the previous speed.py, for train_img_s_tiny_before")
+    p.add_argument("--data", default=None, help="sample_first's noat_child_ref: the data zip of the reference")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speed.json"))
     parts = ("train", "sizes", "small_batches", "profile", "profile_ddpm", "ops_ddpm", "sample", "profile_sample", "fd",
              "inception", "before", "compile", "compile_child", "compile_blocks", "inception_first", "sample_first")
     p.add_argument("--only", default=",".join(parts), help="comma-separated parts: " + ",".join(parts))
     p.add_argument("--ways", default="whole,blocks",
                    help="compile_blocks: whole, blocks, whole_noat, blocks_noat; inception_first: bench, nobench, "
-                        "noopt; sample_first: at, noat, noat_child (one per process)")
+                        "noopt; sample_first: at, noat, noat_child, noat_child_ref (one per process)")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
     res = json.load(open(args.out)) if os.path.exists(args.out) else {}
@@ -397,9 +411,10 @@ def main():
         res["inception_img_s"] = max(v for v in r.values() if isinstance(v, float))
         log(f"Inception features: {r}")
 
-    def sample_first_part():  # one --ways per process: at, noat, noat_child
+    def sample_first_part():  # one --ways per process: at, noat, noat_child, noat_child_ref (needs --data)
+        ref = dict(data=args.data, limit=None, subset=None, fid_model=args.inception, device="cuda")
         for way in args.ways.split(","):
-            raw.setdefault("sample_first_small", {})[way] = r = sample_first(way)
+            raw.setdefault("sample_first_small", {})[way] = r = sample_first(way, ref_opts=ref)
             log(f"the quick check's sampling, small UNet, 10k DDPM-250 ({way}): {r}")
 
     def inception_first_part():  # one --ways per process: bench, nobench, noopt

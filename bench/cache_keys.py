@@ -1,42 +1,61 @@
 """bench/cache_keys.py: why did a process miss torch.compile's on-disk cache? Reads the structured logs of a run
-made with TORCH_TRACE=DIR (one file per process: train_tiny and its child), lists each process's FX-graph cache
-events, and for every miss names the key's components that differ from the closest entry of another process.
+made with TORCH_TRACE=DIR (one file per process: train_tiny and its child), lists each process's compiled frames
+(compile seconds, cache hits and misses) and FX-graph cache events, and for every miss names the key's
+components that differ from the closest entry of another process.
 
-    TORCH_TRACE=/tmp/trace python train_tiny.py ...        # on the GPU machine; then, anywhere:
+    TORCH_TRACE=/tmp/trace python train_tiny.py ...        # on the GPU machine (bench/run_quick_trace.sh); then:
     python bench/cache_keys.py /tmp/trace
 
 A component is one line of Inductor's cache key ("[hash] name: value"): the graph, each input's metadata (shape,
 strides, dtype, requires_grad), the backend flags and Inductor's config. Two processes share an entry only when all
-of them agree (issue 11: the quick check's evaluation took ~29 s longer than with the child's entry).
+of them agree (issue 11: the quick check's evaluation took ~29 s longer than with the child's entry). A miss with
+no differing component is the first writer of that entry (the child, expected) or an entry that failed to load.
 """
 import glob
 import json
 import os
+import re
 import sys
 
-KINDS = ("fx_graph_cache_hit", "fx_graph_cache_miss", "fx_graph_cache_bypass")
+CACHE_EVENT = re.compile(r"fx_graph\w*cache_(hit|miss|bypass)$")  # also the bundled cache's names
 
 
-def events(path):
-    """[(artifact name, payload)] of a TORCH_TRACE log's FX-graph cache events, in order."""
-    out, lines = [], open(path, errors="replace").read().split("\n")
+def records(path):
+    """[(header, payload or None)] of a TORCH_TRACE log: a 'V... file:line] {json}' line, then its payload's lines,
+    each after a tab. A record cut short (a killed process) is skipped."""
+    out, lines = [], open(path, errors="replace", newline="").read().split("\n")
     for i, line in enumerate(lines):
-        if not line.startswith("V") or '"artifact"' not in line:
-            continue
-        head = json.loads(line[line.index("] ") + 2:])
-        if head["artifact"]["name"] not in KINDS:
+        if not line.startswith("V") or "] {" not in line:
             continue
         body = []
         for nxt in lines[i + 1:]:
             if not nxt.startswith("\t"):
                 break
             body.append(nxt[1:])
-        out.append((head["artifact"]["name"], json.loads("\n".join(body))))
+        try:
+            head = json.loads(line[line.index("] {") + 2:])
+            payload = json.loads("\n".join(body)) if body and body[0].lstrip().startswith("{") else None
+        except ValueError:
+            continue
+        out.append((head, payload))
     return out
 
 
+def events(recs):
+    """[(kind, payload)] of the FX-graph cache events: kind hit, miss or bypass."""
+    return [(CACHE_EVENT.search(h["artifact"]["name"])[1], p or {}) for h, p in recs
+            if CACHE_EVENT.search(h.get("artifact", {}).get("name", ""))]
+
+
+def frames(recs):
+    """Each compiled frame's metrics: function, seconds, FX-graph and AOT-autograd cache counts."""
+    keep = ("co_name", "entire_frame_compile_time_s", "inductor_fx_local_cache_hit_count",
+            "inductor_fx_local_cache_miss_count", "aotautograd_local_cache_hit_count", "aotautograd_local_cache_miss_count")
+    return [{k: h["compilation_metrics"].get(k) for k in keep} for h, _ in recs if "compilation_metrics" in h]
+
+
 def parts(payload):
-    """{component name: its hash}: a component reads '[hash] name: value'."""
+    """{component name: (its hash, the whole line)}: a component reads '[hash] name: value'."""
     out = {}
     for c in payload.get("components", []):
         h, rest = c[1:].split("] ", 1)
@@ -50,23 +69,46 @@ def differences(a, b):
             for k in sorted(a.keys() | b.keys()) if a.get(k, (None,))[0] != b.get(k, (None,))[0]]
 
 
-def explain(folder, width=300):
-    logs = {os.path.basename(p): events(p) for p in sorted(glob.glob(os.path.join(folder, "*.log")))}
-    for name, evs in logs.items():
-        print(f"{name}: " + (", ".join(f"{k.split('_')[-1]} {p['key'][:10]}" for k, p in evs) or "no cache events"))
-    for name, evs in logs.items():
-        for kind, p in evs:
-            if kind != "fx_graph_cache_miss":
+def around(x, y, width):
+    """The two texts from a little before their first differing character, `width` characters each."""
+    i = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+    s = max(0, i - width // 4)
+    return x[s:s + width], y[s:s + width]
+
+
+def explain(folder, width=240, inputs_shown=3):
+    logs = {}
+    for p in sorted(glob.glob(os.path.join(folder, "*.log"))):
+        recs, name = records(p), os.path.basename(p)
+        role = "child" if "prepare_evaluation" in open(p, errors="replace").read() else "trainer"
+        logs[f"{name} ({role})"] = recs
+    for name, recs in logs.items():
+        print(f"{name}:")
+        for f in frames(recs):
+            print(f"  frame {f['co_name']}: {f['entire_frame_compile_time_s']} s compiling; FX graphs hit "
+                  f"{f['inductor_fx_local_cache_hit_count']} missed {f['inductor_fx_local_cache_miss_count']}; "
+                  f"AOT autograd hit {f['aotautograd_local_cache_hit_count']} "
+                  f"missed {f['aotautograd_local_cache_miss_count']}")
+        for kind, p in events(recs):
+            print("  " + " ".join(x for x in (kind, (p.get("key") or "-")[:12], p.get("cache_status_detailed"),
+                                              p.get("cache_bypass_reason")) if x))
+    for name, recs in logs.items():
+        for kind, p in events(recs):
+            if kind != "miss" or not p.get("components"):
                 continue
             mine = parts(p)  # the closest entry another process wrote or read: most components in common
-            others = [(o, parts(q)) for o, oevs in logs.items() if o != name for _, q in oevs]
+            others = [(o, parts(q)) for o, orecs in logs.items() if o != name for _, q in events(orecs)
+                      if q.get("components")]
             if not others:
                 continue
             other, theirs = min(others, key=lambda x: len(differences(mine, x[1])))
             diff = differences(mine, theirs)
-            print(f"\n{name} missed {p['key'][:10]}; closest: {other} ({len(diff)} components differ)")
-            for k, x, y in diff[:20]:
-                print(f"  {k}\n    this:  {x[:width]!r}\n    other: {y[:width]!r}")
+            inputs = [d for d in diff if d[0].startswith("example_inputs")]
+            print(f"\n{name} missed {p['key'][:12]}; closest: {other}: {len(diff)} components differ, "
+                  f"{len(inputs)} of them inputs' metadata")
+            for k, x, y in [d for d in diff if d not in inputs] + inputs[:inputs_shown]:
+                x, y = around(x, y, width)
+                print(f"  {k}\n    this:  {x!r}\n    other: {y!r}")
     return logs
 
 
