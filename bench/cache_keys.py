@@ -20,10 +20,10 @@ import sys
 CACHE_EVENT = re.compile(r"fx_graph\w*cache_(hit|miss|bypass)$")  # also the bundled cache's names
 
 
-def records(path):
-    """[(header, payload or None)] of a TORCH_TRACE log: a 'V... file:line] {json}' line, then its payload's lines,
-    each after a tab. A record cut short (a killed process) is skipped."""
-    out, lines = [], open(path, errors="replace", newline="").read().split("\n")
+def records(text):
+    """[(header, payload or None)] of a TORCH_TRACE log's text: a 'V... file:line] {json}' line, then its payload's
+    lines, each after a tab. A record cut short (a killed process) is skipped."""
+    out, lines = [], text.split("\n")
     for i, line in enumerate(lines):
         if not line.startswith("V") or "] {" not in line:
             continue
@@ -77,11 +77,12 @@ def around(x, y, width):
 
 
 def explain(folder, width=240, inputs_shown=3):
-    logs = {}
+    logs, evs = {}, {}  # each file read once; its cache events (with their key components) taken once
     for p in sorted(glob.glob(os.path.join(folder, "*.log"))):
-        recs, name = records(p), os.path.basename(p)
-        role = "child" if "prepare_evaluation" in open(p, errors="replace").read() else "trainer"
-        logs[f"{name} ({role})"] = recs
+        text = open(p, errors="replace", newline="").read()
+        name = f"{os.path.basename(p)} ({'child' if 'prepare_evaluation' in text else 'trainer'})"
+        logs[name] = records(text)
+        evs[name] = [(kind, q, parts(q)) for kind, q in events(logs[name])]
     for name, recs in logs.items():
         print(f"{name}:")
         for f in frames(recs):
@@ -89,16 +90,15 @@ def explain(folder, width=240, inputs_shown=3):
                   f"{f['inductor_fx_local_cache_hit_count']} missed {f['inductor_fx_local_cache_miss_count']}; "
                   f"AOT autograd hit {f['aotautograd_local_cache_hit_count']} "
                   f"missed {f['aotautograd_local_cache_miss_count']}")
-        for kind, p in events(recs):
+        for kind, p, _ in evs[name]:
             print("  " + " ".join(x for x in (kind, (p.get("key") or "-")[:12], p.get("cache_status_detailed"),
                                               p.get("cache_bypass_reason")) if x))
-    for name, recs in logs.items():
-        for kind, p in events(recs):
-            if kind != "miss" or not p.get("components"):
+    for name in logs:
+        for kind, p, mine in evs[name]:
+            if kind != "miss" or not mine:
                 continue
-            mine = parts(p)  # the closest entry another process wrote or read: most components in common
-            others = [(o, parts(q)) for o, orecs in logs.items() if o != name for _, q in events(orecs)
-                      if q.get("components")]
+            # the closest entry another process wrote or read: most components in common
+            others = [(o, theirs) for o in logs if o != name for _, _, theirs in evs[o] if theirs]
             if not others:
                 continue
             other, theirs = min(others, key=lambda x: len(differences(mine, x[1])))
