@@ -177,6 +177,13 @@ def cold_cache():
         shutil.rmtree(cache, ignore_errors=True)
 
 
+def compile_phases():
+    """A function giving Dynamo's seconds per compile phase (tracing, Inductor, ...) spent since this call."""
+    spent = torch._dynamo.utils.calculate_time_spent  # cumulative over the process
+    since = dict(spent())
+    return lambda: {k: v - since.get(k, 0.0) for k, v in spent().items()}
+
+
 def compile_breakdown(size="small", batch=256, steps=40, sample_batch=2500, device="cuda", child=False):
     """Where the quick check's compiling goes, from empty caches: seconds to the end of the first `steps` steps (the
     preset's UNet, dropout 0, compiled inside the whole-step graph) and to the first sampler call of its EMA network
@@ -186,9 +193,7 @@ def compile_breakdown(size="small", batch=256, steps=40, sample_batch=2500, devi
     with cold_cache() as cache:
         torch._dynamo.utils.counters.clear()
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        spent = torch._dynamo.utils.calculate_time_spent  # cumulative seconds per phase (tracing, Inductor, ...)
-        since = dict(spent())
-        phases = lambda: {k: v - since.get(k, 0.0) for k, v in spent().items()}  # noqa: E731
+        phases = compile_phases()
         proc = child and train_tiny.precompile({**speed.UNET_SIZES[size], "dropout": 0.0}, (3, 32, 32), sample_batch,
                                                device, os.path.join(cache, "compile.log"))
         t = time.perf_counter()
@@ -259,8 +264,7 @@ def sample_first(way, size="small", n=10000, steps=250, batch=2500, device="cuda
             out["child_log"] = open(log).read()[-500:]
         out["child_s"] = time.perf_counter() - t
         torch._dynamo.utils.counters.clear()
-        spent = torch._dynamo.utils.calculate_time_spent
-        since = dict(spent())
+        phases = compile_phases()
         fmt = torch.channels_last if device == "cuda" else torch.contiguous_format  # as train() leaves the EMA
         ema = speed.UNet(**arch).to(device, memory_format=fmt).eval().requires_grad_(False)
         net, sch, g = train_tiny.sampler_net(ema), speed.make_schedule(), torch.Generator(device).manual_seed(0)
@@ -269,7 +273,7 @@ def sample_first(way, size="small", n=10000, steps=250, batch=2500, device="cuda
             speed.ddpm_sample(net, sch, k, steps=steps_k, batch_size=batch, generator=g, device=device)
             device == "cuda" and torch.cuda.synchronize()
             out[name] = time.perf_counter() - t
-            out.setdefault("first_phases", {k: v - since.get(k, 0.0) for k, v in spent().items()})
+            out.setdefault("first_phases", phases())
         c = torch._dynamo.utils.counters
         out.update({k: v for grp in ("inductor", "aot_autograd") for k, v in c[grp].items() if "cache" in k})
     return out
